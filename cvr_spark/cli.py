@@ -1,0 +1,172 @@
+"""The ``cvr-spark`` command: one subcommand per stage, each a thin call into the library.
+
+Every subcommand accepts ``--config FILE`` (repeatable YAML) and trailing dotted overrides
+(``features.min_count=5 spark.master=local[2]``); flags are shorthands for those overrides.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable, Sequence
+
+from cvr_spark.config import Config, ConfigError, load_config
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. spark.master=local[2]")
+
+
+def _flag_overrides(args: argparse.Namespace, section: str, names: Sequence[str]) -> list[str]:
+    out = []
+    for n in names:
+        v = getattr(args, n, None)
+        if v is not None:
+            out.append(f"{section}.{n}={v}")
+    return out
+
+
+def _load(args: argparse.Namespace, section: str, names: Sequence[str]) -> Config:
+    return load_config(args.config, _flag_overrides(args, section, names) + list(args.overrides))
+
+
+FEATURE_FLAGS = ("source", "input", "output", "fields", "min_count", "format", "valid_fraction",
+                 "seed", "test_input", "split_column", "max_reject_fraction")
+SIM_FLAGS = ("output", "rows", "seed", "preset")
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from cvr_spark.data.features import run_features
+    from cvr_spark.demo import summarize_manifest
+    from cvr_spark.spark import get_spark
+
+    cfg = _load(args, "features", FEATURE_FLAGS)
+    manifest = run_features(get_spark(cfg.spark), cfg.features)
+    print(summarize_manifest(manifest))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from cvr_spark.data.simulator import simulate
+    from cvr_spark.spark import get_spark
+
+    cfg = _load(args, "simulate", SIM_FLAGS)
+    summary = simulate(get_spark(cfg.spark), cfg.simulate)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from cvr_spark.models.registry import describe
+
+    for row in describe():
+        opts = ", ".join(f"{k}={v}" for k, v in row["options"].items())
+        print(f"{row['name']:<14} {row['paper']}\n    outputs: {', '.join(row['outputs'])} "
+              f"(CVR: {row['cvr_output']}, CTCVR: {row['ctcvr_output']})\n    options: {opts}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cvr_spark.demo import run_demo
+
+    cfg = load_config(args.config, list(args.overrides))
+    run_demo(cfg, out_dir=args.out, rows=args.rows, rebuild=args.rebuild)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cvr-spark", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("features", help="raw input -> vocab, features, rejects tables + manifest")
+    p.add_argument("--source", choices=["aliccp-raw", "aitm-csv", "rechub-csv", "paddle-joined",
+                                        "aliexpress-csv"])
+    p.add_argument("--input", help="input file or folder (aliccp-raw: the folder of the 4 raw files)")
+    p.add_argument("--test-input", dest="test_input")
+    p.add_argument("--output", help="output folder: features/, vocab/, rejects/, manifest.json")
+    p.add_argument("--fields", choices=["aitm18", "full"])
+    p.add_argument("--min-count", dest="min_count", type=int)
+    p.add_argument("--format", choices=["delta", "parquet"])
+    p.add_argument("--valid-fraction", dest="valid_fraction", type=float)
+    p.add_argument("--split-column", dest="split_column")
+    p.add_argument("--max-reject-fraction", dest="max_reject_fraction", type=float)
+    p.add_argument("--seed", type=int)
+    _common(p)
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("simulate", help="simulated raw Ali-CCP files + truth table")
+    p.add_argument("--output")
+    p.add_argument("--rows", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--preset", choices=["default", "small"])
+    _common(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("models", help="print the model registry")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="simulate -> features -> train -> evaluate, on the embedded default")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--rows", type=int, default=None)
+    p.add_argument("--rebuild", action="store_true", help="rebuild every stage even if present")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+    _add_train_commands(sub)
+    return parser
+
+
+def _add_train_commands(sub) -> None:
+    p = sub.add_parser("train", help="train models x seeds on a feature table; writes a report")
+    p.add_argument("--data", required=True, help="feature job output folder (has manifest.json)")
+    p.add_argument("--model", required=True, help="registry name(s), comma-separated")
+    p.add_argument("--preset", default="paper")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seeds", default="1")
+    p.add_argument("--processes", type=int, default=1)
+    p.add_argument("--out", required=True)
+    p.add_argument("overrides", nargs="*", help="dotted overrides: train.<key>=v or model.<key>=v")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a trained run on a split")
+    p.add_argument("--run", required=True, help="run folder (<out>/<model>/seed<k>) or checkpoint")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cvr_spark.train.experiment import run_train
+
+    result = run_train(
+        args.data, [m.strip() for m in args.model.split(",") if m.strip()],
+        [int(s) for s in args.seeds.split(",") if s.strip()], args.preset, args.epochs,
+        args.processes, args.out, overrides=list(args.overrides),
+    )
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cvr_spark.train.experiment import run_evaluate
+
+    print(json.dumps(run_evaluate(args.run, args.data, args.split), indent=2, default=str))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as e:
+        print(f"cvr-spark: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Parsers of the Ali-CCP feature-list formats: the raw release and PaddleRec's joined text.
+
+Both return a *parsed* DataFrame with one row per data line: ``_source_file``, ``_line`` (the
+raw line), ``_reason`` (null for a valid row, else the reject reason), ``_raw_id`` (the line's
+sample id as a long, null when unparseable), ``click``/``conversion`` (strings, validated by
+``_reason``) and one column per field (string, or ``array<string>`` for multi-valued fields).
+:mod:`cvr_spark.data.sources` turns it into the canonical frame and the rejects.
+
+Raw Ali-CCP (Tianchi 408):
+
+* skeleton line ``sample_id,click,buy,common_feature_key,feature_count,feature_list``;
+* common line ``common_feature_key,feature_count,feature_list``;
+* ``feature_list``: features separated by ``\\x01``, each ``field\\x02feature_id\\x03value``.
+
+Decisions (the spec is silent on them):
+
+* The raw id of a field is ``feature_id`` (the global id); the float ``value`` is validated
+  (it must parse as a number) and then dropped.
+* ``feature_count`` must equal the number of features in the list, else the line is rejected
+  with ``feature_count_mismatch`` (a separate reason from ``malformed_feature`` so that the
+  two kinds of damage can be counted apart). An empty list with count 0 is valid.
+* A single-valued field that appears more than once in a list keeps its first occurrence
+  (field 210 does repeat in PaddleRec's joined rows). When a single-valued field is in both
+  the skeleton and the common list, the skeleton's (sample-level) value wins; multi-valued
+  fields concatenate skeleton values, then common values.
+* Common lines are not samples: a damaged common line (bad column count, malformed feature,
+  count mismatch) or a key that has several common lines rejects the *skeleton* rows that
+  use it (``malformed_common_feature`` / ``duplicate_common_key``), so that the row
+  accounting stays per skeleton line.
+* Fields outside the preset are ignored.
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from cvr_spark.data.fields import FieldInfo
+
+FEATURE_SEP, ID_SEP, VALUE_SEP = "\x01", "\x02", "\x03"
+_NUMBER = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+# field \x02 feature_id \x03 value; no separator byte inside a part.
+RAW_FEATURE_RE = f"^[^\x01\x02\x03]+\x02[^\x01\x02\x03]+\x03{_NUMBER}$"
+# PaddleRec joined token: field:feature_id.
+JOINED_FEATURE_RE = r"^[^:,\s]+:[^:,\s]+$"
+LABELS = ("0", "1")
+
+
+def first_reason(checks: Sequence[tuple[Column, str]]) -> Column:
+    """The reason of the first failing check, else null.
+
+    A check whose condition evaluates to null (it could not be evaluated) counts as failing,
+    so that a row is never accepted by accident.
+    """
+    out = F.lit(None).cast("string")
+    for cond, reason in reversed(checks):
+        out = F.when(F.coalesce(cond, F.lit(True)), F.lit(reason)).otherwise(out)
+    return out
+
+
+def label_checks(click: Column, conversion: Column) -> tuple[Column, Column]:
+    """(labels not 0/1, conversion without click) conditions on string label columns."""
+    bad = ~(click.isin(*LABELS) & conversion.isin(*LABELS))
+    return bad, (click == "0") & (conversion == "1")
+
+
+def field_columns(pairs: str, fields: Sequence[FieldInfo], prefix: str = "") -> list[Column]:
+    """One column per field from the column named ``pairs`` (array<struct<field, fid>>).
+
+    Single-valued fields take the first occurrence (null when absent); multi-valued fields
+    take every occurrence in list order (empty array when absent). Written as SQL text:
+    one expression per field instead of several JVM round trips per lambda.
+    """
+    cols = []
+    for info in fields:
+        if not re.fullmatch(r"\w+", info.name):
+            raise ValueError(f"field name '{info.name}' must be letters, digits or '_'")
+        ids = f"transform(filter(`{pairs}`, p -> p.field = '{info.name}'), p -> p.fid)"
+        cols.append(F.expr(ids if info.multi else f"get({ids}, 0)").alias(prefix + info.name))
+    return cols
+
+
+def barrier(df: DataFrame) -> DataFrame:
+    """``df`` with its columns computed once per row, before any later filter.
+
+    Spark pushes a filter below a projection by inlining the projected expressions into the
+    condition, so a filter on ``_reason`` would re-split every line once per referenced
+    column. A generator is not looked through: ``inline(array(struct(*cols)))`` (one row in,
+    one row out) pins the columns in place.
+    """
+    return df.select(F.inline(F.array(F.struct(*[F.col(c) for c in df.columns]))))
+
+
+def _clean(value: Column) -> Column:
+    """The line without a trailing carriage return (CRLF files)."""
+    return F.regexp_replace(value, "\r$", "")
+
+
+def _raw_tokens(feature_list: Column) -> Column:
+    """The ``\\x01``-separated features of a list; an empty list gives an empty array."""
+    return F.when(feature_list == "", F.array().cast("array<string>")).otherwise(
+        F.split(feature_list, FEATURE_SEP, -1))
+
+
+def _raw_pairs(tokens: Column) -> Column:
+    """array<struct<field, fid>> of well-formed raw feature tokens."""
+    return F.transform(tokens, lambda t: F.struct(
+        F.substring_index(t, ID_SEP, 1).alias("field"),
+        F.substring_index(F.substring_index(t, ID_SEP, -1), VALUE_SEP, 1).alias("fid")))
+
+
+def _malformed(tokens: Column, pattern: str) -> Column:
+    return F.exists(tokens, lambda t: ~t.rlike(pattern))
+
+
+def _split_lines(spark: SparkSession, path: str) -> DataFrame:
+    """``_source_file``, ``_line`` and ``_parts`` (the comma-separated columns) of a file."""
+    return barrier(spark.read.text(path).select(
+        F.lit(path).alias("_source_file"), F.col("value").alias("_line"),
+        F.split(_clean(F.col("value")), ",", -1).alias("_parts")))
+
+
+def read_common(spark: SparkSession, path: str, fields: Sequence[FieldInfo]) -> DataFrame:
+    """The common-features file, one row per key: ``_key``, ``_n`` (lines with that key),
+    ``_bad`` (1 when a line of the key is damaged) and the fields prefixed ``_c_``."""
+    parts = F.col("_parts")
+    tokens = barrier(_split_lines(spark, path).select(
+        F.get(parts, 0).alias("_key"), F.size(parts).alias("_ncols"),
+        F.get(parts, 1).try_cast("int").alias("_count"),
+        _raw_tokens(F.get(parts, 2)).alias("_tokens")))
+    bad = (F.col("_ncols") != 3) | (F.col("_count") != F.size("_tokens")) | \
+        _malformed(F.col("_tokens"), RAW_FEATURE_RE)
+    parsed = tokens.select(
+        "_key", F.coalesce(bad, F.lit(True)).cast("int").alias("_bad"),
+        _raw_pairs(F.col("_tokens")).alias("_pairs"))
+    parsed = parsed.select("_key", "_bad", *field_columns("_pairs", fields, "_c_"))
+    return parsed.groupBy("_key").agg(
+        F.count(F.lit(1)).alias("_n"), F.max("_bad").alias("_bad"),
+        *[F.first("_c_" + f.name).alias("_c_" + f.name) for f in fields])
+
+
+def read_skeleton(spark: SparkSession, path: str, common: DataFrame,
+                  fields: Sequence[FieldInfo]) -> DataFrame:
+    """Parsed skeleton rows of one file joined (left) with their common features."""
+    parts = F.col("_parts")
+    tokens = barrier(_split_lines(spark, path).select(
+        "_source_file", "_line", F.size(parts).alias("_ncols"),
+        F.get(parts, 0).try_cast("long").alias("_raw_id"),
+        F.get(parts, 1).alias("click"), F.get(parts, 2).alias("conversion"),
+        F.get(parts, 3).alias("_key"), F.get(parts, 4).try_cast("int").alias("_count"),
+        _raw_tokens(F.get(parts, 5)).alias("_tokens")))
+    base = tokens.select(
+        "_source_file", "_line", "_ncols", "_raw_id", "click", "conversion", "_key",
+        (F.col("_count") != F.size("_tokens")).alias("_count_bad"),
+        _malformed(F.col("_tokens"), RAW_FEATURE_RE).alias("_feat_bad"),
+        _raw_pairs(F.col("_tokens")).alias("_pairs"))
+    base = base.select("*", *field_columns("_pairs", fields, "_s_")).drop("_pairs")
+    joined = base.join(common, on="_key", how="left")
+    bad_label, no_click = label_checks(F.col("click"), F.col("conversion"))
+    reason = first_reason([
+        (F.col("_ncols") != 6, "bad_column_count"),
+        (bad_label, "bad_label"),
+        (F.col("_raw_id").isNull() | (F.col("_raw_id") < 0), "bad_sample_id"),
+        (F.col("_feat_bad"), "malformed_feature"),
+        (F.col("_count_bad"), "feature_count_mismatch"),
+        (F.col("_n").isNull(), "missing_common_key"),
+        (F.col("_n") > 1, "duplicate_common_key"),
+        (F.col("_bad") == 1, "malformed_common_feature"),
+        (no_click, "conversion_without_click"),
+    ])
+    return barrier(joined.select(
+        "_source_file", "_line", reason.alias("_reason"), "_raw_id", "click", "conversion",
+        *[_merge(f) for f in fields]))
+
+
+def _merge(info: FieldInfo) -> Column:
+    """A field's value from the skeleton (``_s_``) and common (``_c_``) sides."""
+    own, common = F.col("_s_" + info.name), F.col("_c_" + info.name)
+    if info.multi:
+        return F.concat(own, F.coalesce(common, F.array().cast("array<string>"))).alias(info.name)
+    return F.coalesce(own, common).alias(info.name)
+
+
+def read_joined(spark: SparkSession, path: str, fields: Sequence[FieldInfo]) -> DataFrame:
+    """Parsed rows of a PaddleRec joined text file ``sample_id,click,buy,field:feat,...``."""
+    parts = F.col("_parts")
+    tokens = barrier(_split_lines(spark, path).select(
+        "_source_file", "_line", F.size(parts).alias("_ncols"),
+        F.get(parts, 0).try_cast("long").alias("_raw_id"),
+        F.get(parts, 1).alias("click"), F.get(parts, 2).alias("conversion"),
+        F.filter(parts, lambda _, i: i >= 3).alias("_tokens")))
+    pairs = F.transform("_tokens", lambda t: F.struct(
+        F.substring_index(t, ":", 1).alias("field"), F.substring_index(t, ":", -1).alias("fid")))
+    parsed = tokens.select(
+        "_source_file", "_line", "_ncols", "_raw_id", "click", "conversion",
+        _malformed(F.col("_tokens"), JOINED_FEATURE_RE).alias("_feat_bad"), pairs.alias("_pairs"))
+    parsed = parsed.select("*", *field_columns("_pairs", fields))
+    bad_label, no_click = label_checks(F.col("click"), F.col("conversion"))
+    reason = first_reason([
+        (F.col("_ncols") < 3, "bad_column_count"),
+        (bad_label, "bad_label"),
+        (F.col("_raw_id").isNull(), "bad_sample_id"),
+        (F.col("_feat_bad"), "malformed_feature"),
+        (no_click, "conversion_without_click"),
+    ])
+    return barrier(parsed.select("_source_file", "_line", reason.alias("_reason"), "_raw_id",
+                                 "click", "conversion", *[f.name for f in fields]))

@@ -1,0 +1,475 @@
+"""The feature job: canonical frame -> vocabularies, encoded features, labels, splits, manifest.
+
+Stages are pure DataFrame -> DataFrame functions (none creates a SparkSession, none uses a
+Python UDF): :func:`canonical_frame` -> :func:`add_keys` -> :func:`build_vocab` (train input
+only) -> :func:`encode` -> :func:`add_labels` -> :func:`assign_split` -> :func:`feature_frame`.
+:func:`run_features` reads the source, runs them, checks the reject bound and the row
+accounting, then publishes ``features/``, ``vocab/``, ``rejects/`` and, last and atomically,
+``manifest.json`` under ``cfg.output``.
+
+Decisions where the spec is silent:
+
+* A source-provided valid frame replaces the carve-out: the train input is then all train.
+* Random split: ``valid`` iff ``u(sample_id, seed) < valid_fraction``, ``u`` the top-53-bit
+  fraction of ``xxhash64(sample_id, seed)``; independent of partitioning and row order.
+* ``split_column`` split: rows of the train input with value >= the (1 - valid_fraction)
+  ``percentile_approx`` (accuracy ``quantile_accuracy``) are valid; nulls stay train.
+* Missing multi-valued fields encode as an empty array; null elements inside an array as 0.
+* Only null is "missing": raw ids are compared as strings, so ``"0"`` is an ordinary id.
+* The label contract is checked (0/1, conversion <= click) in the statistics pass; rows
+  that break it are an error, never silently dropped (the reader rejects them).
+* The rejects table keeps the reader's ``line`` as a string (the raw line text).
+* Manifest table paths are relative to ``cfg.output`` (the folder can be moved).
+* Publishing order: features, vocab, rejects, manifest. A run that fails part-way may leave
+  a new version in some tables, but the manifest still names the previous versions, which
+  stay readable (Delta time travel / Parquet ``v=<N>`` folders).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import reduce
+from pathlib import Path
+from typing import Any, Optional, Protocol, Sequence
+
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType, NumericType, StringType
+
+from cvr_spark.data.fields import ITEM_KEY_FIELD, USER_KEY_FIELD, FieldInfo
+from cvr_spark.tables import FORMATS, even_files, write_json_atomic, write_table
+
+LABELS = ("click", "conversion", "ctcvr", "ctnocvr")
+SPLITS = ("train", "valid", "test")
+INPUT_SPLIT = "input_split"
+ROW_ID = "_row"
+_BITS53 = (1 << 53) - 1
+
+
+
+class RejectBoundError(ValueError):
+    """Too many input rows were rejected; raised before any table is published."""
+
+
+class AccountingError(RuntimeError):
+    """Input rows != feature rows + rejected rows; raised before any table is published."""
+
+
+@dataclass
+class FeaturesConfig:
+    """The feature job: source -> canonical frame -> vocab + encoded features tables."""
+
+    source: str = "aliccp-raw"
+    input: str = ""
+    output: str = ""
+    fields: str = "aitm18"
+    min_count: int = 10
+    format: str = "delta"
+    valid_fraction: float = 0.1
+    # Split validation by a column (e.g. a time or file column) instead of a random fraction:
+    # rows whose value is >= the (1 - valid_fraction) quantile go to valid.
+    split_column: Optional[str] = None
+    seed: int = 2020
+    max_reject_fraction: float = 0.01
+    rows_per_file: int = 1_000_000
+    # Test input for sources whose test data is a separate file (empty: derived from input).
+    test_input: str = ""
+    # Vocabularies with at most this many kept ids are broadcast to the encoding joins.
+    broadcast_max_ids: int = 1_000_000
+    # percentile_approx accuracy of the split_column threshold (relative error 1/accuracy).
+    quantile_accuracy: int = 10_000
+
+    def check(self) -> None:
+        """Raises: ValueError naming the first option out of range."""
+        if not self.output:
+            raise ValueError("features.output is empty: give the output folder")
+        if self.format not in FORMATS:
+            raise ValueError(f"features.format must be one of {FORMATS}, got {self.format!r}")
+        if self.min_count < 1:
+            raise ValueError(f"features.min_count must be >= 1, got {self.min_count}")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ValueError(f"features.valid_fraction must be in [0, 1), got {self.valid_fraction}")
+        if not 0.0 <= self.max_reject_fraction <= 1.0:
+            raise ValueError(f"features.max_reject_fraction must be in [0, 1], got {self.max_reject_fraction}")
+        if self.rows_per_file < 1:
+            raise ValueError(f"features.rows_per_file must be >= 1, got {self.rows_per_file}")
+
+
+class SourceLike(Protocol):
+    """The shape of ``cvr_spark.data.sources.SourceData`` that this job reads."""
+
+    train: DataFrame
+    valid: Optional[DataFrame]
+    test: Optional[DataFrame]
+    rejects: DataFrame  # source_file, line, reason, input_split
+    fields: list[FieldInfo]
+    dense_fields: list[str]
+    source_files: dict[str, list[str]]
+
+    def input_rows(self) -> dict[str, int]: ...
+
+
+# ---------------------------------------------------------------- stages (pure DataFrame -> DataFrame)
+
+def canonical_frame(data: SourceLike) -> DataFrame:
+    """The train / valid / test inputs as one frame with ``input_split`` and a row id ``_row``."""
+    parts = [getattr(data, s).withColumn(INPUT_SPLIT, F.lit(s))
+             for s in SPLITS if getattr(data, s) is not None]
+    out = reduce(lambda a, b: a.unionByName(b, allowMissingColumns=True), parts)
+    return out.withColumn(ROW_ID, F.monotonically_increasing_id())
+
+
+def check_fields(df: DataFrame, fields: Sequence[FieldInfo]) -> None:
+    """Raises: KeyError / TypeError naming a field column that is missing or of the wrong type."""
+    types = {f.name: f.dataType for f in df.schema.fields}
+    for f in fields:
+        if f.name not in types:
+            raise KeyError(f"field column '{f.name}' missing from the canonical frame "
+                           f"(columns: {sorted(types)})")
+        t = types[f.name]
+        ok = isinstance(t, ArrayType) if f.multi else isinstance(t, (StringType, NumericType))
+        if not ok:
+            want = "array<string>" if f.multi else "string"
+            raise TypeError(f"field column '{f.name}' is {t.simpleString()}, expected {want}")
+
+
+def _occurrences(df: DataFrame, fields: Sequence[FieldInfo]) -> DataFrame:
+    """One row (field, raw_id) per non-null value occurrence (array elements counted each)."""
+    items = []
+    for f in fields:
+        if f.multi:
+            arr = F.coalesce(F.col(f.name), F.array().cast("array<string>"))
+            items.append(F.transform(arr, lambda x: F.struct(
+                F.lit(f.name).alias("field"), x.cast("string").alias("raw_id"))))
+        else:
+            items.append(F.array(F.struct(F.lit(f.name).alias("field"),
+                                          F.col(f.name).cast("string").alias("raw_id"))))
+    occ = df.select(F.explode(F.concat(*items)).alias("o")).select("o.field", "o.raw_id")
+    return occ.where(F.col("raw_id").isNotNull())
+
+
+def build_vocab(df: DataFrame, fields: Sequence[FieldInfo], min_count: int) -> DataFrame:
+    """Per-field vocabularies: ``field, raw_id, index, count``.
+
+    Ids seen at least ``min_count`` times get indices 1..K ordered by descending count, then
+    raw id; index 0 (rare, unseen, missing) is not stored.
+    """
+    check_fields(df, fields)
+    counts = (_occurrences(df, fields).groupBy("field", "raw_id")
+              .agg(F.count(F.lit(1)).alias("count")).where(F.col("count") >= min_count))
+    order = Window.partitionBy("field").orderBy(F.desc("count"), F.asc("raw_id"))
+    return counts.select("field", "raw_id", F.row_number().over(order).cast("int").alias("index"),
+                         F.col("count").cast("long"))
+
+
+def vocab_sizes(vocab: DataFrame, fields: Sequence[FieldInfo]) -> dict[str, int]:
+    """``K + 1`` per field (1 where no id was kept); one small aggregation."""
+    kept = {r["field"]: int(r["k"]) for r in vocab.groupBy("field").agg(F.max("index").alias("k")).collect()}
+    return {f.name: kept.get(f.name, 0) + 1 for f in fields}
+
+
+def _quote(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _encode_singles(df: DataFrame, vocab: DataFrame, names: list[str], broadcast: list[str]) -> DataFrame:
+    """All single-valued fields in one SQL statement of left joins (analysed once, not once per
+    join as chained DataFrame joins would be); ``broadcast`` names the fields hinted BROADCAST."""
+    frames = {"src": df}
+    joins, index = [], {}
+    for i, n in enumerate(names):
+        frames[f"v{i}"] = vocab.where(F.col("field") == n).select("raw_id", "index")
+        joins.append(f"LEFT JOIN {{v{i}}} AS v{i} ON CAST(s.{_quote(n)} AS STRING) = v{i}.raw_id")
+        index[n] = f"CAST(COALESCE(v{i}.index, 0) AS INT) AS {_quote(n)}"
+    cols = ", ".join(index.get(c, f"s.{_quote(c)}") for c in df.columns)
+    hinted = [f"v{i}" for i, n in enumerate(names) if n in broadcast]
+    hint = f"/*+ BROADCAST({', '.join(hinted)}) */ " if hinted else ""
+    return df.sparkSession.sql(f"SELECT {hint}{cols} FROM {{src}} AS s " + " ".join(joins), **frames)
+
+
+def _encode_multi(df: DataFrame, vocab: DataFrame, names: list[str], broadcast: bool) -> DataFrame:
+    """Explode all multi-valued fields once, join the vocab, regroup by ``_row``, join back."""
+    empty = F.array().cast("array<string>")
+    items = F.concat(*[F.transform(F.coalesce(F.col(n), empty), lambda x, i: F.struct(
+        F.lit(n).alias("field"), i.alias("pos"), x.cast("string").alias("raw_id"))) for n in names])
+    ex = df.select(ROW_ID, F.explode(items).alias("o")).select(ROW_ID, "o.*")  # [sum of lengths]
+    v = vocab.where(F.col("field").isin(names)).select(
+        F.col("field").alias("_vf"), F.col("raw_id").alias("_vr"), F.col("index").alias("_vi"))
+    v = F.broadcast(v) if broadcast else v
+    ex = ex.join(v, (F.col("field") == F.col("_vf")) & (F.col("raw_id") == F.col("_vr")), "left")
+    item = F.struct("field", "pos", F.coalesce(F.col("_vi"), F.lit(0)).cast("int").alias("idx"))
+    grouped = ex.groupBy(ROW_ID).agg(F.collect_list(item).alias("_items"))
+    arrays = [F.transform(F.array_sort(F.filter("_items", lambda s: s["field"] == F.lit(n))),
+                          lambda s: s["idx"]).alias(f"_vm{j}") for j, n in enumerate(names)]
+    out = df.join(grouped.select(ROW_ID, *arrays), ROW_ID, "left")
+    empty_int = F.array().cast("array<int>")
+    out = out.withColumns({n: F.coalesce(F.col(f"_vm{j}"), empty_int) for j, n in enumerate(names)})
+    return out.drop(*[f"_vm{j}" for j in range(len(names))])
+
+
+def encode(df: DataFrame, vocab: DataFrame, fields: Sequence[FieldInfo],
+           sizes: Optional[dict[str, int]] = None, broadcast_max_ids: int = 1_000_000) -> DataFrame:
+    """Replace every field's raw ids by vocabulary indices (int; array<int> for multi fields).
+
+    Joins only: a left join per single-valued field, hinted broadcast where its vocabulary is
+    known (``sizes``) to be at most ``broadcast_max_ids`` ids (else Spark picks), and one
+    explode / join / regroup for all multi-valued fields (needs the ``_row`` id).
+    """
+    check_fields(df, fields)
+    small = (lambda names: sizes is not None and sum(sizes[n] for n in names) <= broadcast_max_ids)
+    single = [f.name for f in fields if not f.multi]
+    if single:
+        df = _encode_singles(df, vocab, single, [n for n in single if small([n])])
+    multi = [f.name for f in fields if f.multi]
+    if multi:
+        if ROW_ID not in df.columns:
+            raise KeyError(f"encoding multi-valued fields {multi} needs the '{ROW_ID}' column "
+                           "(see canonical_frame)")
+        df = _encode_multi(df, vocab, multi, small(multi))
+    return df
+
+
+def add_labels(df: DataFrame) -> DataFrame:
+    """``click``, ``conversion`` as int plus ``ctcvr = click*conversion``, ``ctnocvr = click*(1-conversion)``."""
+    click, conv = F.col("click").cast("int"), F.col("conversion").cast("int")
+    return df.withColumns({"click": click, "conversion": conv, "ctcvr": click * conv,
+                           "ctnocvr": click * (F.lit(1) - conv)})
+
+
+def add_keys(df: DataFrame, user_field: Optional[str] = USER_KEY_FIELD,
+             item_field: Optional[str] = ITEM_KEY_FIELD) -> DataFrame:
+    """``user_key`` / ``item_key``: xxhash64 of the raw key value (null if missing or no such field)."""
+    def key(name: Optional[str]) -> Column:
+        if not name or name not in df.columns:
+            return F.lit(None).cast("long")
+        return F.when(F.col(name).isNotNull(), F.xxhash64(F.col(name).cast("string")))
+    return df.withColumns({"user_key": key(user_field), "item_key": key(item_field)})
+
+
+def unit_hash(seed: int, column: str = "sample_id") -> Column:
+    """A deterministic uniform [0, 1) value per ``column`` value and seed (53 bits of xxhash64)."""
+    h = F.xxhash64(F.col(column), F.lit(int(seed))).bitwiseAND(F.lit(_BITS53))
+    return h.cast("double") / F.lit(float(1 << 53))
+
+
+def split_threshold(df: DataFrame, column: str, valid_fraction: float, accuracy: int = 10_000) -> Any:
+    """The (1 - valid_fraction) quantile of ``column`` (numeric, date or timestamp).
+
+    Raises:
+        KeyError: no such column. TypeError: the column is not orderable as a number or time.
+    """
+    if column not in df.columns:
+        raise KeyError(f"split_column '{column}' not in the input (columns: {df.columns})")
+    kind = df.schema[column].dataType.simpleString()
+    if not (isinstance(df.schema[column].dataType, NumericType) or kind in ("date", "timestamp", "timestamp_ntz")):
+        raise TypeError(f"split_column '{column}' is {kind}, expected a numeric, date or timestamp column")
+    q = F.percentile_approx(F.col(column), F.lit(1.0 - valid_fraction), F.lit(int(accuracy)))
+    return df.agg(q.alias("q")).first()["q"]
+
+
+def assign_split(df: DataFrame, valid_fraction: float, seed: int, split_column: Optional[str] = None,
+                 threshold: Any = None) -> DataFrame:
+    """Add ``split``: train-input rows -> train/valid, valid input -> valid, test input -> test.
+
+    Args:
+        valid_fraction: share of the train input carved out as valid (0: none).
+        seed: seed of the random (hash of ``sample_id``) split.
+        split_column: split by this column instead: values >= ``threshold`` are valid.
+        threshold: the cut; computed with :func:`split_threshold` on the train input if None.
+    """
+    src = F.col(INPUT_SPLIT)
+    if valid_fraction <= 0:
+        to_valid = F.lit(False)
+    elif split_column:
+        if threshold is None:
+            threshold = split_threshold(df.where(src == "train"), split_column, valid_fraction)
+        to_valid = F.coalesce(F.col(split_column) >= F.lit(threshold), F.lit(False))
+    else:
+        to_valid = unit_hash(seed) < F.lit(float(valid_fraction))
+    split = F.when(src == "train", F.when(to_valid, F.lit("valid")).otherwise(F.lit("train"))).otherwise(src)
+    return df.withColumn("split", split)
+
+
+def feature_frame(df: DataFrame, fields: Sequence[FieldInfo], dense_fields: Sequence[str]) -> DataFrame:
+    """The features contract: sample_id, int32 per field (array<int32>), float32 dense, int labels,
+    user_key, item_key, split (plus ``input_split`` kept for accounting; dropped when written)."""
+    cols = [F.col("sample_id").cast("long")]
+    cols += [F.col(f.name).cast("array<int>" if f.multi else "int") for f in fields]
+    cols += [F.col(d).cast("float") for d in dense_fields]
+    cols += [F.col(c).cast("int") for c in LABELS]
+    cols += [F.col("user_key").cast("long"), F.col("item_key").cast("long"), "split", INPUT_SPLIT]
+    return df.select(*cols)
+
+
+# ---------------------------------------------------------------- checks and statistics
+
+def check_reject_bound(rows_in: dict[str, int], rejects_by_reason: dict[str, int], bound: float) -> None:
+    """Raises: RejectBoundError when rejected / input rows > ``bound`` (names counts per reason)."""
+    total, n = sum(rows_in.values()), sum(rejects_by_reason.values())
+    if total <= 0:
+        raise ValueError(f"the source read no input rows (rows per input split: {rows_in})")
+    if n / total > bound:
+        raise RejectBoundError(
+            f"{n} of {total} input rows rejected ({n / total:.4%}) exceeds max_reject_fraction={bound}; "
+            f"rejects by reason: {dict(sorted(rejects_by_reason.items()))}; no table was written")
+
+
+def split_stats(table: DataFrame) -> dict[tuple[str, str], dict[str, int]]:
+    """Rows, label sums and label-contract violations per (input_split, split): one aggregation."""
+    click, conv = F.col("click"), F.col("conversion")
+    bad = F.coalesce(~click.isin(0, 1) | ~conv.isin(0, 1) | (conv > click), F.lit(True))
+    aggs = [F.count(F.lit(1)).alias("rows"), *[F.sum(c).alias(c) for c in LABELS],
+            F.sum(bad.cast("int")).alias("bad")]
+    out = {}
+    for r in table.groupBy(INPUT_SPLIT, "split").agg(*aggs).collect():
+        out[(r[INPUT_SPLIT], r["split"])] = {k: int(r[k] or 0) for k in ("rows", *LABELS, "bad")}
+    for (src, _), s in out.items():
+        if s["bad"]:
+            raise ValueError(f"{s['bad']} rows of input split '{src}' break the label contract "
+                             "(click and conversion in {0, 1}, conversion <= click): the source "
+                             "reader must reject them")
+    return out
+
+
+def check_accounting(rows_in: dict[str, int], features_by_input: dict[str, int],
+                     rejects_by_input: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Per input split: rows_in == feature rows + rejected rows.
+
+    Raises:
+        AccountingError: naming every input split where the equation fails.
+    """
+    names = sorted(set(rows_in) | set(features_by_input) | set(rejects_by_input))
+    table = {s: {"rows_in": int(rows_in.get(s, 0)), "features": int(features_by_input.get(s, 0)),
+                 "rejects": int(rejects_by_input.get(s, 0))} for s in names}
+    bad = {s: t for s, t in table.items() if t["rows_in"] != t["features"] + t["rejects"]}
+    if bad:
+        raise AccountingError(f"row accounting failed (rows_in != features + rejects): {bad}; "
+                              "no table was written")
+    return table
+
+
+def _sum_by(counts: dict[tuple[str, str], int], pos: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for key, n in counts.items():
+        out[key[pos]] = out.get(key[pos], 0) + n
+    return out
+
+
+# ---------------------------------------------------------------- publishing
+
+def publish_tables(cfg: FeaturesConfig, table: DataFrame, vocab: DataFrame, rejects: DataFrame,
+                   rows_per_split: dict[str, int], vocab_rows: int, reject_rows: int) -> dict[str, dict]:
+    """Write features (partitioned by split), vocab and rejects; return {name: {path, format, version}}."""
+    out = Path(cfg.output)
+    files = (lambda n: max(1, math.ceil(n / cfg.rows_per_file)))
+    laid = even_files(table.drop(INPUT_SPLIT), "split", rows_per_split, cfg.rows_per_file, "sample_id", cfg.seed)
+    versions = {"features": write_table(laid, out / "features", cfg.format, partition_by=["split"])}
+    versions["vocab"] = write_table(vocab, out / "vocab", cfg.format, num_files=files(vocab_rows))
+    rej = rejects.select(F.col("source_file").cast("string"), F.col("line").cast("string"),
+                         F.col("reason").cast("string"), F.col(INPUT_SPLIT).cast("string"))
+    versions["rejects"] = write_table(rej, out / "rejects", cfg.format, num_files=files(reject_rows))
+    return {name: {"path": name, "format": cfg.format, "version": v} for name, v in versions.items()}
+
+
+def build_manifest(cfg: FeaturesConfig, data: SourceLike, sizes: dict[str, int],
+                   stats: dict[tuple[str, str], dict[str, int]], facts: dict[str, Any]) -> dict:
+    """The manifest (contract of FeatureSpec.from_manifest and the trainer)."""
+    names = [f.name for f in data.fields]
+    rows, rates = {}, {}
+    for split in SPLITS:
+        parts = [s for (_, sp), s in stats.items() if sp == split]
+        n = sum(p["rows"] for p in parts)
+        if n:
+            rows[split] = n
+            rates[split] = {c: sum(p[c] for p in parts) / n for c in LABELS}
+    return {
+        "fields": [{"name": f.name, "group": f.group, "multi": bool(f.multi), "vocab_size": sizes[f.name]}
+                   for f in data.fields],
+        "dense_fields": list(data.dense_fields),
+        "user_key_field": USER_KEY_FIELD if USER_KEY_FIELD in names else None,
+        "item_key_field": ITEM_KEY_FIELD if ITEM_KEY_FIELD in names else None,
+        "labels": list(LABELS), "rows": rows, "label_rates": rates, **facts,
+        "config": dataclasses.asdict(cfg), "source": cfg.source,
+        "source_files": {k: list(v) for k, v in (data.source_files or {}).items()},
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ---------------------------------------------------------------- the job
+
+def _persist(df: DataFrame, held: list[DataFrame]) -> DataFrame:
+    df = df.persist(StorageLevel.MEMORY_AND_DISK)
+    held.append(df)
+    return df
+
+
+def _feature_table(cfg: FeaturesConfig, data: SourceLike, held: list[DataFrame]) -> tuple:
+    """Canonical frame (persisted once) -> vocab (persisted) -> the persisted features frame."""
+    names = [f.name for f in data.fields]
+    keys = [k if k in names else None for k in (USER_KEY_FIELD, ITEM_KEY_FIELD)]
+    canonical = _persist(add_keys(canonical_frame(data), *keys), held)
+    check_fields(canonical, data.fields)
+    train_in = canonical.where(F.col(INPUT_SPLIT) == "train")
+    vocab = _persist(build_vocab(train_in, data.fields, cfg.min_count), held)
+    sizes = vocab_sizes(vocab, data.fields)
+    frac = 0.0 if data.valid is not None else cfg.valid_fraction
+    threshold = None
+    if cfg.split_column and frac > 0:
+        threshold = split_threshold(train_in, cfg.split_column, frac, cfg.quantile_accuracy)
+    encoded = encode(canonical, vocab, data.fields, sizes, cfg.broadcast_max_ids)
+    split = assign_split(add_labels(encoded), frac, cfg.seed, cfg.split_column, threshold)
+    table = _persist(feature_frame(split, data.fields, data.dense_fields), held)
+    mode = "source" if data.valid is not None else "column" if cfg.split_column else "random"
+    split_info = {"mode": mode, "valid_fraction": frac, "seed": cfg.seed,
+                  "split_column": cfg.split_column, "threshold": threshold}
+    return canonical, table, vocab, sizes, split_info
+
+
+def build_features(cfg: FeaturesConfig, data: SourceLike) -> dict:
+    """The feature job on an already-read source (see :func:`run_features`); returns the manifest."""
+    cfg.check()
+    held: list[DataFrame] = []
+    try:
+        rejects = _persist(data.rejects, held)
+        reject_counts = {(r[INPUT_SPLIT], r["reason"]): int(r["count"])
+                         for r in rejects.groupBy(INPUT_SPLIT, "reason").count().collect()}
+        rows_in = {str(k): int(v) for k, v in data.input_rows().items()}
+        check_reject_bound(rows_in, _sum_by(reject_counts, 1), cfg.max_reject_fraction)
+        canonical, table, vocab, sizes, split_info = _feature_table(cfg, data, held)
+        stats = split_stats(table)
+        canonical.unpersist()  # the features frame is materialised; writes read it
+        if not any(src == "train" for src, _ in stats):
+            raise ValueError(f"the train input of {cfg.source} '{cfg.input}' has no valid rows")
+        by_input = _sum_by({k: s["rows"] for k, s in stats.items()}, 0)
+        accounting = check_accounting(rows_in, by_input, _sum_by(reject_counts, 0))
+        rows_per_split = _sum_by({k: s["rows"] for k, s in stats.items()}, 1)
+        tables = publish_tables(cfg, table, vocab, rejects, rows_per_split,
+                                sum(sizes.values()) - len(sizes), sum(reject_counts.values()))
+        facts = {"rows_in": rows_in, "rejects": _sum_by(reject_counts, 1), "accounting": accounting,
+                 "split": split_info, "tables": tables}
+        manifest = build_manifest(cfg, data, sizes, stats, facts)
+        write_json_atomic(Path(cfg.output) / "manifest.json", manifest)
+        return manifest
+    finally:
+        for df in held:
+            df.unpersist()
+
+
+def run_features(spark: Any, cfg: FeaturesConfig) -> dict:
+    """Read ``cfg.source`` from ``cfg.input`` and build + publish the feature tables.
+
+    Returns:
+        The manifest (also written to ``<cfg.output>/manifest.json``, last, atomically).
+
+    Raises:
+        ValueError: a bad option or input. RejectBoundError: too many rejected rows.
+        AccountingError: rows lost or duplicated. All are raised before any table is written.
+    """
+    cfg.check()
+    from cvr_spark.data.sources import read_source
+
+    data = read_source(spark, cfg.source, cfg.input, fields=cfg.fields, test_input=cfg.test_input)
+    return build_features(cfg, data)

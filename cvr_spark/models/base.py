@@ -1,0 +1,253 @@
+"""Shared model interface and building blocks.
+
+Shape letters: B batch, F single-valued fields, M multi-valued fields, L padded length,
+D embedding dim, Z dense features.
+
+**Batch** (a plain ``dict[str, Tensor]``, produced by the loader, keys fixed here):
+
+=================  =================  ===================================================
+key                dtype / shape      meaning
+=================  =================  ===================================================
+``sparse``         int32|int64 [B,F]  index per single-valued field (0 = OOV / missing)
+``multi``          int32|int64 [B,M,L] padded indices of multi-valued fields (optional)
+``multi_len``      int32|int64 [B,M]  true lengths of ``multi`` rows (optional)
+``dense``          float32 [B,Z]      dense features (optional, e.g. rechub's 8 ``D*``)
+``click``          float32 [B]        click label o
+``conversion``     float32 [B]        conversion label r (0 wherever click is 0)
+``user_key``       int64 [B]          hash of the raw user id (optional; GAUC)
+``item_key``       int64 [B]          hash of the raw item id (optional)
+=================  =================  ===================================================
+
+Graph nodes (CSTWA) are the vocabulary indices of the user / item key fields, i.e. the
+``sparse`` column of ``spec.user_key_field`` / ``spec.item_key_field``.
+
+**Model interface**: ``forward(batch) -> dict`` with at least ``p_ctr``, ``p_cvr``,
+``p_ctcvr`` (probabilities, shape [B]) plus whatever the model's losses need;
+``loss(batch, out) -> dict`` of named loss terms (scalars) plus ``total``. Every model
+states, in ``cvr_output`` / ``ctcvr_output``, which output is the post-click CVR score and
+which the impression-level CTCVR score (MODELS.md §12-13: AITM and CSTWA's purchase head
+is an impression-level score, so their ``p_cvr`` entry is that head and they say so).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+Batch = Mapping[str, Tensor]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What the trainer knows about the input: built from the feature job's manifest.
+
+    Args:
+        sparse_fields: names of single-valued fields, in the column order of ``batch['sparse']``.
+        sparse_vocab: vocabulary size per single-valued field (index 0 included).
+        multi_fields / multi_vocab: the same for multi-valued fields (``batch['multi']``).
+        dense_fields: names of the dense float features (``batch['dense']``).
+        groups: field name -> ``user`` / ``item`` / ``context``.
+        user_key_field / item_key_field: the id fields that key users and items.
+    """
+
+    sparse_fields: tuple[str, ...]
+    sparse_vocab: tuple[int, ...]
+    multi_fields: tuple[str, ...] = ()
+    multi_vocab: tuple[int, ...] = ()
+    dense_fields: tuple[str, ...] = ()
+    groups: Mapping[str, str] = field(default_factory=dict)
+    user_key_field: str = "101"
+    item_key_field: str = "205"
+
+    def __post_init__(self) -> None:
+        if len(self.sparse_fields) != len(self.sparse_vocab):
+            raise ValueError("sparse_fields and sparse_vocab differ in length")
+        if len(self.multi_fields) != len(self.multi_vocab):
+            raise ValueError("multi_fields and multi_vocab differ in length")
+        if any(v < 1 for v in (*self.sparse_vocab, *self.multi_vocab)):
+            raise ValueError("every vocabulary has at least index 0")
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.sparse_fields) + len(self.multi_fields)
+
+    @property
+    def all_fields(self) -> tuple[str, ...]:
+        return self.sparse_fields + self.multi_fields
+
+    def fields_in(self, group: str) -> list[str]:
+        return [f for f in self.all_fields if self.groups.get(f, "context") == group]
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping) -> "FeatureSpec":
+        """Build from the feature job's ``manifest.json`` (see cvr_spark.data.features)."""
+        fields = manifest["fields"]
+        single = [f for f in fields if not f.get("multi")]
+        multi = [f for f in fields if f.get("multi")]
+        return cls(
+            sparse_fields=tuple(f["name"] for f in single),
+            sparse_vocab=tuple(int(f["vocab_size"]) for f in single),
+            multi_fields=tuple(f["name"] for f in multi),
+            multi_vocab=tuple(int(f["vocab_size"]) for f in multi),
+            dense_fields=tuple(manifest.get("dense_fields", ())),
+            groups={f["name"]: f["group"] for f in fields},
+            user_key_field=manifest.get("user_key_field", "101"),
+            item_key_field=manifest.get("item_key_field", "205"),
+        )
+
+
+class EmbeddingArch(nn.Module):
+    """One embedding table for all fields, with per-field offsets (one lookup per kind).
+
+    Multi-valued fields are pooled per field (``sum`` or ``mean`` over their true length).
+    Output of :meth:`forward`: field embeddings ``[B, F+M, D]`` in the order
+    ``spec.all_fields``; :meth:`flat` concatenates them with the dense features into
+    ``[B, (F+M)*D + Z]``.
+    """
+
+    def __init__(self, spec: FeatureSpec, dim: int, pooling: str = "sum") -> None:
+        super().__init__()
+        if pooling not in ("sum", "mean"):
+            raise ValueError(f"pooling must be 'sum' or 'mean', got {pooling!r}")
+        self.spec, self.dim, self.pooling = spec, dim, pooling
+        sizes = list(spec.sparse_vocab) + list(spec.multi_vocab)
+        offsets = torch.tensor([0] + sizes[:-1], dtype=torch.long).cumsum(0)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.table = nn.Embedding(sum(sizes), dim)
+        nn.init.normal_(self.table.weight, std=0.01)
+
+    @property
+    def out_dim(self) -> int:
+        return self.spec.num_fields * self.dim + len(self.spec.dense_fields)
+
+    def lookup(self, idx: Tensor, field_offset: Tensor) -> Tensor:
+        """Embed field-local indices ``idx`` [..., F] whose fields start at ``field_offset`` [F]."""
+        return self.table(idx.long() + field_offset)
+
+    def forward(self, batch: Batch) -> Tensor:
+        nf = len(self.spec.sparse_fields)
+        parts = [self.lookup(batch["sparse"], self.offsets[:nf])]  # [B, F, D]
+        if self.spec.multi_fields:
+            vals = batch["multi"].long()  # [B, M, L]
+            emb = self.lookup(vals, self.offsets[nf:].view(1, -1, 1))  # [B, M, L, D]
+            lens = batch["multi_len"].to(emb.dtype)  # [B, M]
+            steps = torch.arange(vals.shape[-1], device=vals.device)
+            mask = (steps.view(1, 1, -1) < lens.unsqueeze(-1)).to(emb.dtype)  # [B, M, L]
+            pooled = (emb * mask.unsqueeze(-1)).sum(2)  # [B, M, D]
+            if self.pooling == "mean":
+                pooled = pooled / lens.clamp_min(1).unsqueeze(-1)
+            parts.append(pooled)
+        return torch.cat(parts, 1)  # [B, F+M, D]
+
+    def flat(self, batch: Batch, emb: Tensor | None = None) -> Tensor:
+        """Concatenate field embeddings (computed unless given) and dense features."""
+        emb = self.forward(batch) if emb is None else emb
+        x = emb.flatten(1)  # [B, (F+M)*D]
+        if self.spec.dense_fields:
+            x = torch.cat([x, batch["dense"].to(x.dtype)], 1)
+        return x
+
+
+class MLP(nn.Module):
+    """Linear -> ReLU -> Dropout blocks (the AITM/CSTWA tower: 128-64-32, dropout .1/.3/.3).
+
+    Args:
+        in_dim: input width.
+        dims: hidden widths.
+        dropout: one rate per layer, or a single rate for all.
+        batch_norm: insert BatchNorm1d after each Linear (DDPO's bottoms use it).
+        out_dim: if given, a final Linear(dims[-1] -> out_dim) with no activation (logits).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        dims: Sequence[int],
+        dropout: float | Sequence[float] = 0.0,
+        batch_norm: bool = False,
+        out_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        rates = [dropout] * len(dims) if isinstance(dropout, (int, float)) else list(dropout)
+        if len(rates) != len(dims):
+            raise ValueError(f"{len(rates)} dropout rates for {len(dims)} layers")
+        layers: list[nn.Module] = []
+        width = in_dim
+        for d, r in zip(dims, rates):
+            layers.append(nn.Linear(width, d))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(d))
+            layers.append(nn.ReLU())
+            if r > 0:
+                layers.append(nn.Dropout(r))
+            width = d
+        if out_dim is not None:
+            layers.append(nn.Linear(width, out_dim))
+            width = out_dim
+        self.net = nn.Sequential(*layers)
+        self.out_dim = width
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+@dataclass
+class ModelConfig:
+    """Options shared by every model; model families subclass it with their own options.
+
+    Presets live in ``conf/models/*.yaml``; unknown keys are rejected when loading.
+    """
+
+    embedding_dim: int = 5
+    tower_dims: list[int] = field(default_factory=lambda: [128, 64, 32])
+    dropout: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.3])
+    pooling: str = "sum"
+    lr: float = 1e-3
+    batch_size: int = 2000
+    # L2 as Adam weight_decay on all parameters (MODELS.md §9.5: AITM regularises only
+    # embeddings + attention; weight_decay on everything is the usual substitute).
+    weight_decay: float = 1e-6
+
+
+class CVRModel(nn.Module):
+    """Base class of every registered model.
+
+    Subclasses set the class attributes below and implement :meth:`forward` and
+    :meth:`loss`. ``cvr_output`` names the output that is a post-click CVR score
+    (P(buy | click)); ``ctcvr_output`` the impression-level P(click & buy) score.
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    config_cls: ClassVar[type] = ModelConfig
+    cvr_output: ClassVar[str] = "p_cvr"
+    ctcvr_output: ClassVar[str] = "p_ctcvr"
+
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.spec, self.cfg = spec, cfg
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def loss(self, batch: Batch, out: Mapping[str, Tensor]) -> dict[str, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def on_train_batch_end(self, batch: Batch, out: Mapping[str, Tensor]) -> None:
+        """Hook after each optimiser step (stateful models, e.g. CSTWA's CTR buffer)."""
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Hook after each training epoch (e.g. CSTWA option B's table update)."""
+
+    def options(self) -> dict:
+        """The decisions this model runs with (logged with every run)."""
+        from dataclasses import asdict
+
+        return asdict(self.cfg)
+
+
+def head(in_dim: int) -> nn.Linear:
+    """A Linear(in_dim -> 1) output layer producing a logit."""
+    return nn.Linear(in_dim, 1)

@@ -1,0 +1,197 @@
+"""Delta / Parquet table I/O with versions and atomic publish.
+
+* **Delta** (default): every write is a new table version in ``_delta_log``; a write that
+  fails before its commit leaves the previous version as the current one, readable.
+  Readers can pin ``version``.
+* **Parquet**: versions are emulated with one folder per version, ``<path>/v=<N>/``, and a
+  ``<path>/_latest`` pointer file replaced atomically (``os.replace``) only after the data
+  of the new version is fully written. Readers follow the pointer or pin ``version``.
+  The pointer lives on the driver's file system: use Delta for object stores.
+
+Also: :func:`even_files` (one evenly sized file per group and partition value) and
+:func:`write_json_atomic` (temp file + ``os.replace``, for manifests written last).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+FORMATS = ("delta", "parquet")
+_LATEST = "_latest"
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"table format must be one of {FORMATS}, got {fmt!r}")
+
+
+def _remote(path: str) -> bool:
+    return "://" in path or path.startswith("dbfs:")
+
+
+def is_delta(path: str | Path, spark: Any = None) -> bool:
+    """True if ``path`` holds a Delta table (remote paths are asked through ``spark``)."""
+    path = str(path)
+    if _remote(path):
+        if spark is None:
+            raise ValueError(f"checking the remote path {path} for a Delta table needs a SparkSession")
+        from delta.tables import DeltaTable
+
+        return bool(DeltaTable.isDeltaTable(spark, path))
+    return (Path(path) / "_delta_log").is_dir()
+
+
+def table_version(spark, path: str | Path, fmt: str = "delta") -> Optional[int]:
+    """The current version of the table at ``path`` (None if there is no table yet)."""
+    _check_format(fmt)
+    path = str(path)
+    if fmt == "delta":
+        if not is_delta(path, spark):
+            return None
+        if not _remote(path):  # the newest commit file, without a Spark job
+            commits = [int(p.stem) for p in (Path(path) / "_delta_log").glob("*.json") if p.stem.isdigit()]
+            if commits:
+                return max(commits)
+        from delta.tables import DeltaTable
+
+        row = DeltaTable.forPath(spark, path).history(1).select("version").first()
+        return int(row["version"])
+    pointer = Path(path) / _LATEST
+    return int(pointer.read_text().strip()) if pointer.exists() else None
+
+
+def write_table(
+    df, path: str | Path, fmt: str = "delta", num_files: Optional[int] = None,
+    partition_by: Optional[list[str]] = None,
+) -> int:
+    """Write ``df`` as a new version of the table at ``path``; return that version.
+
+    Args:
+        num_files: repartition to this many (evenly sized, round-robin) files first.
+        partition_by: Hive-style partition columns.
+    """
+    _check_format(fmt)
+    spark = df.sparkSession
+    if num_files:
+        df = df.repartition(int(num_files))
+    path = str(path)
+    if fmt == "delta":
+        writer = df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
+        if partition_by:
+            writer = writer.partitionBy(*partition_by)
+        writer.save(path)
+        return table_version(spark, path, "delta")
+    prev = table_version(spark, path, "parquet")
+    version = 0 if prev is None else prev + 1
+    writer = df.write.mode("overwrite")
+    if partition_by:
+        writer = writer.partitionBy(*partition_by)
+    writer.parquet(os.path.join(path, f"v={version}"))
+    tmp = Path(path) / f".{_LATEST}.tmp"
+    tmp.write_text(str(version))
+    os.replace(tmp, Path(path) / _LATEST)
+    return version
+
+
+def read_table(spark, path: str | Path, fmt: str = "delta", version: Optional[int] = None):
+    """Read the table at ``path`` (the current version, or ``version`` if given).
+
+    Raises:
+        FileNotFoundError: no table at ``path`` (or not of the given format).
+    """
+    _check_format(fmt)
+    path = str(path)
+    if fmt == "delta":
+        if not is_delta(path, spark):
+            raise FileNotFoundError(f"no Delta table at {path} (no _delta_log folder)")
+        reader = spark.read.format("delta")
+        if version is not None:
+            reader = reader.option("versionAsOf", int(version))
+        return reader.load(path)
+    if version is None:
+        version = table_version(spark, path, "parquet")
+        if version is None:
+            raise FileNotFoundError(f"no Parquet table at {path} (no {_LATEST} pointer)")
+    return spark.read.parquet(os.path.join(path, f"v={version}"))
+
+
+def parquet_files(path: str | Path, fmt: str = "delta", version: Optional[int] = None) -> list[str]:
+    """The Parquet data files of one table version, without Spark (for the trainer).
+
+    Delta snapshots are resolved with the ``deltalake`` package (the ``_delta_log``).
+    """
+    _check_format(fmt)
+    path = str(path)
+    if fmt == "delta":
+        from deltalake import DeltaTable
+
+        dt = DeltaTable(path, version=version)
+        return list(dt.file_uris())
+    if version is None:
+        pointer = Path(path) / _LATEST
+        if not pointer.exists():
+            raise FileNotFoundError(f"no Parquet table at {path} (no {_LATEST} pointer)")
+        version = int(pointer.read_text().strip())
+    root = Path(path) / f"v={version}"
+    return sorted(str(p) for p in root.rglob("*.parquet"))
+
+
+
+def _partition_keys(spark: Any, n: int) -> list[int]:
+    """For each shuffle partition p < n, a long key with ``pmod(hash(key), n) == p``.
+
+    ``hash`` is Spark's Murmur3 (seed 42), the one its hash partitioning uses, so
+    ``repartition(n, key_column)`` sends the rows of key p to task p, and to no other.
+    """
+    from pyspark.sql import functions as F
+
+    rows = (spark.range(64 * n).select("id", F.pmod(F.hash("id"), F.lit(n)).alias("p"))
+            .groupBy("p").agg(F.min("id").alias("k")).collect())
+    keys = {int(r["p"]): int(r["k"]) for r in rows}
+    if len(keys) < n:
+        raise RuntimeError(f"found partition keys for only {len(keys)} of {n} partitions")
+    return [keys[p] for p in range(n)]
+
+
+def even_files(df, partition_col: str, rows_by_value: dict[str, int], rows_per_file: int,
+               hash_col: str, seed: int = 0):
+    """Repartition ``df`` so that a partitioned write gives evenly sized files.
+
+    A value of ``partition_col`` with R rows gets ceil(R / rows_per_file) file groups; rows
+    join a group by ``xxhash64(hash_col, seed)``; every group goes to its own task, so each
+    written file is one group of about ``rows_per_file`` rows (a plain
+    ``repartition(n, cols)`` would let hash collisions merge groups into double-size files).
+    """
+    from pyspark.sql import functions as F
+
+    counts = {v: max(1, math.ceil(r / rows_per_file)) for v, r in sorted(rows_by_value.items()) if r > 0}
+    if not counts:
+        return df.repartition(1)
+    offsets, total = {}, 0
+    for v, k in counts.items():
+        offsets[v], total = total, total + k
+    keys = _partition_keys(df.sparkSession, total)
+
+    def lit_map(d: dict):
+        return F.create_map(*[F.lit(x) for kv in d.items() for x in kv])
+
+    group = F.pmod(F.xxhash64(F.col(hash_col), F.lit(int(seed))), lit_map(counts)[F.col(partition_col)])
+    fid = (lit_map(offsets)[F.col(partition_col)] + group).cast("int")
+    keyed = df.withColumn("_file_key", lit_map(dict(enumerate(keys)))[fid])
+    return keyed.repartition(total, "_file_key").drop("_file_key")
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temp file in the same folder and ``os.replace``:
+    readers see the old file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

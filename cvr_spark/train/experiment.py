@@ -1,0 +1,255 @@
+"""Experiments: models x seeds -> train (early stopping on valid) -> test metrics -> report.
+
+Layout of ``out_dir``::
+
+    <out>/<model>/seed<k>/checkpoint.pt   last state + best weights (cvr_spark.train.checkpoint)
+    <out>/<model>/seed<k>/config.json     job, model options, feature spec, train config
+    <out>/<model>/seed<k>/metrics.json    valid (best epoch), history, test, table versions
+    <out>/results.*                       the report over every run (cvr_spark.evaluate.report)
+
+Overrides are dotted keys under ``train.`` (fields of :class:`TrainConfig`) or ``model.``
+(fields of the model's config dataclass), e.g. ``["train.patience=2", "model.lr=0.01"]``.
+MLflow logging (params, per-epoch and test metrics, table versions, run folder) happens when
+``mlflow`` is importable and is skipped silently otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from cvr_spark.train.loop import TrainConfig, plain
+
+log = logging.getLogger(__name__)
+
+Overrides = Optional[Mapping[str, Any] | Sequence[str]]
+
+
+def parse_overrides(overrides: Overrides) -> tuple[dict, dict]:
+    """Split overrides into (train, model) option dicts.
+
+    Accepts ``"train.epochs=3"`` strings, a mapping of dotted keys to values, or a nested
+    mapping ``{"train": {...}, "model": {...}}``. String values are typed by YAML rules.
+
+    Raises:
+        ValueError: a malformed override or a section other than ``train`` / ``model``.
+    """
+    from omegaconf import OmegaConf
+
+    if overrides is None:
+        return {}, {}
+    if isinstance(overrides, Mapping):
+        items = []
+        for k, v in overrides.items():
+            if isinstance(v, Mapping):
+                items += [(f"{k}.{sub}", sv) for sub, sv in v.items()]
+            else:
+                items.append((str(k), v))
+    else:
+        items = []
+        for ov in overrides:
+            if "=" not in ov:
+                raise ValueError(f"override '{ov}' is not of the form train.key=value or model.key=value")
+            key, text = ov.split("=", 1)
+            typed = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]  # YAML typing
+            items.append((key.strip(), typed))
+    out: dict[str, dict] = {"train": {}, "model": {}}
+    for key, value in items:
+        section, _, name = key.partition(".")
+        if section not in out or not name:
+            raise ValueError(f"override key '{key}': expected train.<name> or model.<name>")
+        out[section][name] = value
+    return out["train"], out["model"]
+
+
+def make_train_config(options: Mapping[str, Any], *, epochs: Optional[int] = None,
+                      seed: Optional[int] = None) -> TrainConfig:
+    """A TrainConfig from defaults, ``options`` (train overrides) and explicit epochs / seed.
+
+    Raises:
+        ValueError: an unknown key or a badly typed value (names the key).
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    values = {k: v for k, v in options.items() if k != "metric_names"}
+    if epochs is not None:
+        values["epochs"] = int(epochs)
+    if seed is not None:
+        values["seed"] = int(seed)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), values)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"train override key 'train.{e.full_key}': {str(e).splitlines()[0]}") from None
+    return OmegaConf.to_object(merged)
+
+
+def load_truth(data_dir: str | Path, manifest: Mapping[str, Any],
+               sample_id: np.ndarray) -> Optional[dict[str, np.ndarray]]:
+    """The simulator's truth (``p_cvr_true``, ``potential_conversion``) aligned with ``sample_id``.
+
+    The truth table is ``manifest['tables']['truth']`` (path relative to ``data_dir``, format,
+    version), keyed by ``sample_id``; None when the manifest names none.
+
+    Raises:
+        ValueError: the table lacks ``sample_id`` or rows for some predicted samples.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    from cvr_spark.tables import is_delta, parquet_files
+
+    info = (manifest.get("tables") or {}).get("truth")
+    if not info:
+        return None
+    path = Path(info["path"])
+    path = path if path.is_absolute() else Path(data_dir) / path
+    fmt = info.get("format") or ("delta" if is_delta(path) else "parquet")
+    files = [f.removeprefix("file://") for f in parquet_files(path, fmt, info.get("version"))]
+    data = ds.dataset(files, format="parquet")
+    # The simulator's truth table names the true post-click probability ``p_cvr``.
+    true_col = "p_cvr_true" if "p_cvr_true" in data.schema.names else "p_cvr"
+    cols = [c for c in (true_col, "potential_conversion") if c in data.schema.names]
+    if "sample_id" not in data.schema.names or not cols:
+        raise ValueError(f"truth table {path}: expected columns sample_id and p_cvr_true / "
+                         f"potential_conversion, found {data.schema.names}")
+    table = data.to_table(columns=["sample_id", *cols], filter=pc.field("sample_id").isin(sample_id))
+    ids = table.column("sample_id").to_numpy()
+    order = np.argsort(ids, kind="stable")
+    pos = np.searchsorted(ids[order], sample_id).clip(0, max(len(ids) - 1, 0))
+    found = len(ids) > 0 and (ids[order][pos] == sample_id).all()
+    if not found:
+        raise ValueError(f"truth table {path}: no row for {int((ids[order][pos] != sample_id).sum()) if len(ids) else len(sample_id)} "
+                         "predicted sample_id(s)")
+    names = {true_col: "p_cvr_true", "potential_conversion": "potential_conversion"}
+    return {names[c]: table.column(c).to_numpy()[order][pos].astype(np.float64) for c in cols}
+
+
+def _check_spec(saved: Any, current: Any, data_dir: str | Path) -> None:
+    for attr in ("sparse_fields", "sparse_vocab", "multi_fields", "multi_vocab", "dense_fields"):
+        if tuple(getattr(saved, attr)) != tuple(getattr(current, attr)):
+            raise ValueError(f"{Path(data_dir) / 'manifest.json'}: '{attr}' is {getattr(current, attr)} but the "
+                             f"checkpoint was trained with {getattr(saved, attr)}; evaluate on the same features")
+
+
+def evaluate_run(target: str | Path, data_dir: str | Path, split: str = "test", *,
+                 device: str = "auto", batch_size: int = 8192) -> dict:
+    """Metrics of a run's best weights on ``split``; merged into the run's ``metrics.json``.
+
+    Args:
+        target: a run folder (holding ``checkpoint.pt``) or a checkpoint file.
+        data_dir: the feature job's output (manifest + features table).
+
+    Returns:
+        ``model``, ``seed``, ``split``, ``metrics``, ``table_version``, ``truth_available``.
+
+    Raises:
+        FileNotFoundError: no checkpoint. ValueError: features differ from the trained ones.
+    """
+    from cvr_spark.evaluate.metrics import compute_metrics
+    from cvr_spark.models import registry
+    from cvr_spark.models.base import FeatureSpec
+    from cvr_spark.train.checkpoint import load_checkpoint
+    from cvr_spark.train.distributed import _write_json, attach_graphs, spec_from_dict
+    from cvr_spark.train.loader import FeatureLoader, load_manifest
+    from cvr_spark.train.loop import predict, resolve_device
+
+    target = Path(target)
+    run_dir = target if target.is_dir() else target.parent
+    state = load_checkpoint(target)
+    meta, manifest = state["meta"], load_manifest(data_dir)
+    spec = spec_from_dict(meta["spec"])
+    _check_spec(spec, FeatureSpec.from_manifest(manifest), data_dir)
+    model = registry.build(meta["model_name"], spec, meta["model_options"])
+    model.load_state_dict(state["best_model"] if state.get("best_model") is not None else state["model"])
+    dev = resolve_device(device)
+    attach_graphs(model.to(dev), data_dir, manifest)
+    loader = FeatureLoader(str(data_dir), split, batch_size, shuffle=False, spec=spec, device=dev,
+                           version=meta.get("job", {}).get("version"))
+    pred = predict(model, loader, dev)
+    truth = load_truth(data_dir, manifest, pred["sample_id"])
+    metrics = plain(compute_metrics(pred, cvr_key=model.cvr_output, ctcvr_key=model.ctcvr_output, truth=truth))
+    seed = meta.get("job", {}).get("seed")
+    path = run_dir / "metrics.json"
+    record = json.loads(path.read_text()) if path.is_file() else {"model": meta["model_name"], "seed": seed}
+    record[split] = metrics
+    record.setdefault("table_versions", dict(state.get("table_versions") or {}))[split] = loader.table_version
+    _write_json(path, record)
+    return {"model": meta["model_name"], "seed": seed, "split": split, "metrics": metrics,
+            "table_version": loader.table_version, "truth_available": truth is not None}
+
+
+def _log_mlflow(run: Mapping[str, Any], run_dir: Path) -> None:
+    """Log one run to MLflow (driver only, i.e. one writer); silently skipped without mlflow."""
+    try:
+        import mlflow
+    except ImportError:
+        return
+    record = json.loads((run_dir / "metrics.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    with mlflow.start_run(run_name=f"{run['model']}-seed{run['seed']}"):
+        params = {f"model.{k}": v for k, v in config["model_options"].items()}
+        params.update({f"train.{k}": v for k, v in config["train"].items()})
+        mlflow.log_params({k: str(v) for k, v in params.items()})
+        for h in record.get("history", []):
+            mlflow.log_metrics({"train_loss": h["train_loss"], "valid_score": h["score"]}, step=h["epoch"])
+        scalars = {f"test_{k}": float(v) for k, v in run["metrics"].items()
+                   if isinstance(v, (int, float)) and math.isfinite(float(v))}
+        mlflow.log_metrics(scalars)
+        mlflow.set_tags({f"table_version.{k}": str(v) for k, v in record.get("table_versions", {}).items()})
+        mlflow.log_artifacts(str(run_dir))
+
+
+def run_train(data_dir: str | Path, models: Sequence[str], seeds: Sequence[int], preset: str = "paper",
+              epochs: Optional[int] = None, processes: int = 1, out_dir: str | Path = "runs",
+              overrides: Overrides = None, *, use_gpu: Optional[bool] = None, local_mode: bool = True) -> dict:
+    """Train every model with every seed, evaluate each run's best weights on test, write the report.
+
+    Args:
+        data_dir: the feature job's output. models: registry names. seeds: one run per seed.
+        preset: block of ``conf/models/<name>.yaml``. epochs: overrides ``train.epochs``.
+        processes: ranks per run (1: in this process; more: TorchDistributor).
+        overrides: ``train.*`` / ``model.*`` dotted overrides (see :func:`parse_overrides`).
+        use_gpu: default: whether CUDA is available here.
+
+    Returns:
+        ``out_dir``, ``runs`` (one evaluate_run result + ``run_dir`` per run), ``report``.
+    """
+    import torch
+
+    from cvr_spark.evaluate.report import write_report
+    from cvr_spark.models.base import FeatureSpec
+    from cvr_spark.models.registry import preset_options
+    from cvr_spark.train.distributed import train_distributed
+    from cvr_spark.train.loader import load_manifest
+
+    train_over, model_over = parse_overrides(overrides)
+    FeatureSpec.from_manifest(load_manifest(data_dir))  # fail before any training
+    use_gpu = torch.cuda.is_available() if use_gpu is None else bool(use_gpu)
+    out, results = Path(out_dir).resolve(), []
+    for name in models:
+        options = preset_options(name, preset, model_over)
+        for seed in seeds:
+            cfg = make_train_config(train_over, epochs=epochs, seed=seed)
+            job = {"data_dir": str(Path(data_dir).resolve()), "model": name, "preset": preset,
+                   "seed": int(seed), "out_dir": str(out / name / f"seed{seed}"),
+                   "model_options": plain(options), "train": plain(dataclasses.asdict(cfg))}
+            run_dir = Path(train_distributed(job, processes, use_gpu, local_mode))
+            result = evaluate_run(run_dir, data_dir, "test", device="cuda" if use_gpu else "cpu")
+            results.append({**result, "run_dir": str(run_dir)})
+            _log_mlflow(result, run_dir)
+            log.info("%s seed %d: test %s", name, seed,
+                     {k: result["metrics"].get(k) for k in ("ctr_auc", "cvr_auc_clicked", "ctcvr_auc")})
+    runs = [{"model": r["model"], "seed": r["seed"], "metrics": r["metrics"]} for r in results]
+    report = write_report(runs, out, truth_available=any(r["truth_available"] for r in results))
+    return {"out_dir": str(out), "runs": results, "report": plain(report)}
+
+
+def run_evaluate(target: str | Path, data_dir: str | Path, split: str = "test") -> dict:
+    """Evaluate a run folder or checkpoint on ``split`` of ``data_dir`` (see :func:`evaluate_run`)."""
+    return evaluate_run(target, data_dir, split)

@@ -1,0 +1,39 @@
+"""cvr-spark: a Spark + PyTorch pipeline for post-click conversion-rate estimation."""
+from setuptools import find_packages, setup
+
+# pyspark and delta-spark are pinned as a pair: the Delta jars fetched at run time carry the
+# delta-spark version (Maven Central serves delta-spark_4.1_2.13 up to 4.4.0 here; 4.4.1 is
+# on PyPI only), so both sides stay on 4.4.0 with pyspark 4.1.1.
+INSTALL_REQUIRES = [
+    "pyspark==4.1.1",
+    "delta-spark==4.4.0",
+    "pyarrow>=15",
+    "deltalake>=0.20",
+    "numpy>=1.26",
+    "pandas>=2.0",
+    "omegaconf>=2.3",
+    "PyYAML>=6.0",
+    "torch>=2.2",
+    "scikit-learn>=1.3",
+    "faiss-cpu>=1.8",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+]
+
+EXTRAS = {
+    "gpu": ["faiss-gpu-cu12>=1.8"],
+    "petastorm": ["petastorm>=0.12"],
+    "mlflow": ["mlflow>=2.10"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.2"],
+}
+
+setup(
+    name="cvr-spark",
+    version="0.1.0",
+    description="Distributed Spark + PyTorch pipeline for post-click CVR estimation",
+    packages=find_packages(include=["cvr_spark", "cvr_spark.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["cvr-spark=cvr_spark.cli:main"]},
+)

@@ -1,0 +1,276 @@
+"""The training loop: determinism, kill + resume, early stopping on valid, NaN guard, checkpoints,
+and one experiment end to end (features on disk -> train -> test metrics -> report)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import Tensor
+
+from cvr_spark import losses
+from cvr_spark.models.base import MLP, CVRModel, EmbeddingArch, FeatureSpec, ModelConfig
+from cvr_spark.train import checkpoint as ckpt
+from cvr_spark.train.experiment import make_train_config, parse_overrides
+from cvr_spark.train.loop import TrainConfig, fit, predict, validation_score
+
+SPEC = FeatureSpec(sparse_fields=("101", "205", "301"), sparse_vocab=(200, 15, 4),
+                   groups={"101": "user", "205": "item", "301": "context"})
+
+
+def synth(n: int, seed: int, invert: bool = False) -> dict[str, Tensor]:
+    """Rows whose click depends on fields 101 and 301 and conversion on 205, through per-id
+    effects shared by every split (graded, so AUC keeps improving over a few epochs).
+
+    ``invert`` flips both labels (a split that disagrees with the training data)."""
+    fixed = torch.Generator().manual_seed(1234)
+    effects = [torch.randn(v, generator=fixed) * 1.5 for v in SPEC.sparse_vocab]
+    g = torch.Generator().manual_seed(seed)
+    sparse = torch.stack([torch.randint(0, v, (n,), generator=g) for v in SPEC.sparse_vocab], 1)  # [N, F]
+    p_click = torch.sigmoid(effects[0][sparse[:, 0]] + effects[2][sparse[:, 2]] - 0.5)
+    click = (torch.rand(n, generator=g) < p_click).float()
+    conv = (torch.rand(n, generator=g) < torch.sigmoid(effects[1][sparse[:, 1]])).float()
+    if invert:
+        click = 1 - click
+        conv = 1 - conv
+    return {"sparse": sparse, "click": click, "conversion": conv * click,
+            "user_key": torch.randint(0, 50, (n,), generator=g), "sample_id": torch.arange(n)}
+
+
+class TensorLoader:
+    """The loader interface (``set_epoch``, ``__len__``, dict batches) over in-memory tensors;
+    shuffling depends on (seed, epoch) only, like FeatureLoader."""
+
+    def __init__(self, data: Mapping[str, Tensor], batch_size: int, shuffle: bool = True, seed: int = 0) -> None:
+        self.data, self.batch_size, self.shuffle, self.seed, self.epoch = dict(data), batch_size, shuffle, seed, 0
+        self.n = int(data["click"].shape[0])
+        self.table_version = 7
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        for start in range(0, self.n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield {k: v[idx] for k, v in self.data.items()}
+
+
+class TinyModel(CVRModel):
+    """Shared embedding -> MLP with dropout -> (ctr, cvr) logits; ESMM-style loss.
+
+    ``fail_at_step`` raises after that many optimiser steps (a simulated kill); ``nan_at_step``
+    poisons the weights (NaN outputs); ``inf_loss_at_step`` makes the CTCVR term infinite."""
+
+    def __init__(self, spec: FeatureSpec = SPEC, cfg: ModelConfig | None = None) -> None:
+        super().__init__(spec, cfg or ModelConfig(embedding_dim=4, lr=0.05, batch_size=100))
+        self.emb = EmbeddingArch(spec, self.cfg.embedding_dim)
+        self.net = MLP(self.emb.out_dim, [16], dropout=0.2, out_dim=2)
+        self.steps, self.fail_at_step, self.nan_at_step, self.inf_loss_at_step = 0, None, None, None
+
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        p = torch.sigmoid(self.net(self.emb.flat(batch)))  # [B, 2]
+        return {"p_ctr": p[:, 0], "p_cvr": p[:, 1], "p_ctcvr": p[:, 0] * p[:, 1]}
+
+    def loss(self, batch: Mapping[str, Tensor], out: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        ctr = losses.exposure_mean(losses.bce(out["p_ctr"], batch["click"]))
+        ctcvr = losses.exposure_mean(losses.bce(out["p_ctcvr"], batch["click"] * batch["conversion"]))
+        if self.inf_loss_at_step is not None and self.steps >= self.inf_loss_at_step:
+            ctcvr = ctcvr * float("inf")
+        return {"ctr": ctr, "ctcvr": ctcvr, "total": ctr + ctcvr}
+
+    def on_train_batch_end(self, batch: Mapping[str, Tensor], out: Mapping[str, Tensor]) -> None:
+        self.steps += 1
+        if self.steps == self.fail_at_step:
+            raise KeyboardInterrupt(f"simulated kill after step {self.steps}")
+        if self.steps == self.nan_at_step:
+            with torch.no_grad():
+                self.net.net[0].weight.fill_(float("nan"))
+
+
+def make_model(seed: int = 0) -> TinyModel:
+    torch.manual_seed(seed)
+    return TinyModel()
+
+
+def loaders(train_seed: int = 1, valid_invert: bool = False) -> tuple[TensorLoader, TensorLoader]:
+    return (TensorLoader(synth(1000, train_seed), 100, seed=3),
+            TensorLoader(synth(600, 2, invert=valid_invert), 300, shuffle=False))
+
+
+def quiet(**kw) -> TrainConfig:
+    return TrainConfig(**{"epochs": 3, "patience": 0, "progress": False, "num_threads": 1, **kw})
+
+
+def valid_history(result: dict) -> str:
+    """The per-epoch validation metrics as JSON (NaN-safe equality: NaN != NaN in Python)."""
+    return json.dumps([h["valid"] for h in result["history"]], sort_keys=True)
+
+
+def weights(model: torch.nn.Module) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_same_seed_same_metrics_and_checkpoint_loads_weights_only(tmp_path):
+    runs = []
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        model = make_model(seed)
+        result = fit(model, *loaders(), quiet(seed=seed), tmp_path / name)
+        runs.append((result, weights(model)))
+    (ra, wa), (rb, wb), (rc, wc) = runs
+    assert valid_history(ra) == valid_history(rb) != valid_history(rc)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    assert ra["valid"]["ctr_auc"] > 0.7 and ra["table_versions"] == {"train": 7, "valid": 7}
+    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 3 and state["step"] == 30 and state["config"]["seed"] == 5
+    assert state["table_versions"]["train"] == 7 and len(state["rng"]) == 1
+    assert set(state["rng"][0]) >= {"python", "numpy", "torch"}
+    assert state["loop"]["done"] and state["best_model"] is not None
+
+
+# killed during step 14 (last checkpoint: step 12, mid-epoch) / step 21 (last: end of epoch 1)
+@pytest.mark.parametrize("kill_step", [14, 21])
+def test_kill_and_resume_gives_the_same_final_weights(tmp_path, kill_step):
+    cfg = quiet(checkpoint_every=4, seed=2)
+    ref = make_model(2)
+    ref_result = fit(ref, *loaders(), cfg, tmp_path / "ref")
+
+    killed = make_model(2)
+    killed.fail_at_step = kill_step
+    with pytest.raises(KeyboardInterrupt):
+        fit(killed, *loaders(), cfg, tmp_path / "run")
+    saved = ckpt.load_checkpoint(tmp_path / "run")
+    assert saved["step"] == {14: 12, 21: 20}[kill_step]
+
+    resumed = make_model(99)  # a fresh process: other initial weights, other RNG state
+    result = fit(resumed, *loaders(), cfg, tmp_path / "run")
+    assert result["steps"] == ref_result["steps"] == 30
+    ref_w, res_w = weights(ref), weights(resumed)
+    assert all(torch.equal(ref_w[k], res_w[k]) for k in ref_w), "resumed run diverged"
+    assert valid_history(result) == valid_history(ref_result)
+    assert [h["train_loss"] for h in result["history"]] == pytest.approx(
+        [h["train_loss"] for h in ref_result["history"]], rel=1e-12)
+
+
+def test_early_stopping_follows_validation_not_test(tmp_path):
+    """Valid labels are inverted, so valid and test disagree about the best epoch. Early stopping
+    must pick the best *valid* epoch and restore its weights; test prefers a later epoch."""
+    from cvr_spark.evaluate.metrics import compute_metrics
+
+    train, valid = loaders(valid_invert=True)
+    test = TensorLoader(synth(600, 4), 300, shuffle=False)
+    model = make_model(0)
+    result = fit(model, train, valid, quiet(epochs=8, patience=2, seed=0), tmp_path / "es")
+    scores = [h["score"] for h in result["history"]]
+    best = result["best_epoch"]
+    assert best == int(np.argmax(scores)) and result["stopped_early"]
+    assert result["epochs_run"] == best + 3 < 8
+    restored = compute_metrics(predict(model, valid))
+    assert restored["ctr_auc"] == pytest.approx(result["history"][best]["valid"]["ctr_auc"], abs=1e-12)
+
+    # Test score after each epoch: training is deterministic, so `epochs=k` is a prefix of the
+    # run, and the checkpoint's "model" entry holds the last (not the best) weights.
+    test_auc = []
+    for k in range(1, result["epochs_run"] + 1):
+        m = make_model(0)
+        fit(m, train, valid, quiet(epochs=k, patience=0, seed=0), tmp_path / f"k{k}")
+        m.load_state_dict(ckpt.load_checkpoint(tmp_path / f"k{k}")["model"])
+        test_auc.append(validation_score(compute_metrics(predict(m, test)), TrainConfig()))
+    assert int(np.argmax(test_auc)) != best, f"valid and test should disagree here: {scores} {test_auc}"
+    test_now = validation_score(compute_metrics(predict(model, test)), TrainConfig())
+    assert test_now == pytest.approx(test_auc[best], abs=1e-12)
+
+
+def test_nan_guard_names_step_and_terms(tmp_path):
+    model = make_model(0)
+    model.inf_loss_at_step = 13  # steps 1..13 run; the 14th loss is infinite (epoch 1, batch 3)
+    with pytest.raises(FloatingPointError, match=r"epoch 1, step 14 \(batch 3 .*ctr=0\.\d+, ctcvr=inf, total=inf"):
+        fit(model, *loaders(), quiet(), tmp_path / "inf")
+    model = make_model(0)
+    model.nan_at_step = 3
+    with pytest.raises(FloatingPointError, match=r"outputs \['p_ctr', 'p_cvr', 'p_ctcvr'\] at epoch 0, step 4"):
+        fit(model, *loaders(), quiet(), tmp_path / "nan")
+
+
+def test_metric_mode_and_errors(tmp_path):
+    assert TrainConfig(early_stop_metric="logloss_ctr").early_stop_mode == "min"
+    assert TrainConfig().metric_names == ["ctr_auc", "ctcvr_auc"]
+    with pytest.raises(ValueError, match="train.epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(KeyError, match="no validation metric 'nope'"):
+        fit(make_model(0), *loaders(), quiet(epochs=1, early_stop_metric="nope"), tmp_path)
+    assert parse_overrides(["train.patience=3", "model.lr=0.5"]) == ({"patience": 3}, {"lr": 0.5})
+    with pytest.raises(ValueError, match="train.<name> or model.<name>"):
+        parse_overrides(["optim.lr=1"])
+    with pytest.raises(ValueError, match="patiance"):
+        make_train_config({"patiance": 2})
+    assert make_train_config({"patience": 4}, epochs=2, seed=9).patience == 4
+
+
+# ---- features on disk (the feature job's versioned Parquet layout) and a whole experiment ----
+
+FIELDS = {"101": 30, "121": 5, "205": 25, "301": 4}
+
+
+def write_features(data_dir: Path, n: int = 3000, seed: int = 0, rows_per_group: int = 250) -> Path:
+    """A features table (features/v=0/split=*/part-*.parquet + _latest) and its manifest."""
+    rng = np.random.default_rng(seed)
+    cols = {f: rng.integers(0, v, n).astype(np.int32) for f, v in FIELDS.items()}
+    click = (rng.random(n) < np.where(cols["101"] % 3 == 0, 0.7, 0.15)).astype(np.int32)
+    conv = click * (rng.random(n) < np.where(cols["205"] < 8, 0.6, 0.1)).astype(np.int32)
+    split = rng.choice(["train", "valid", "test"], n, p=[0.6, 0.2, 0.2])
+    table = pa.table({"sample_id": np.arange(n, dtype=np.int64), **cols, "click": click, "conversion": conv,
+                      "user_key": cols["101"].astype(np.int64), "item_key": cols["205"].astype(np.int64)})
+    for name in ("train", "valid", "test"):
+        part = table.filter(pa.array(split == name))
+        out = data_dir / "features" / "v=0" / f"split={name}" / "part-00000.parquet"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(part, out, row_group_size=rows_per_group)
+    (data_dir / "features" / "_latest").write_text("0")
+    fields = [{"name": f, "group": {"101": "user", "121": "user", "205": "item"}.get(f, "context"),
+               "multi": False, "vocab_size": v} for f, v in FIELDS.items()]
+    manifest = {"fields": fields, "tables": {"features": {"path": "features", "format": "parquet", "version": 0}}}
+    (data_dir / "manifest.json").write_text(json.dumps(manifest))
+    return data_dir
+
+
+def _job(name: str):
+    import runpy
+
+    return runpy.run_path(str(Path(__file__).resolve().parent.parent / "jobs" / f"{name}.py"))["main"]
+
+
+def test_experiment_end_to_end_in_process(tmp_path, capsys):
+    """jobs/train.py -> run_train (in process) -> layout, metrics, report; jobs/evaluate.py agrees."""
+    data = write_features(tmp_path / "data")
+    out = tmp_path / "runs"
+    assert _job("train")(["--data", str(data), "--model", "esmm", "--preset", "fast", "--epochs", "2",
+                          "--seeds", "1,2", "--out", str(out), "train.progress=false", "train.num_threads=1",
+                          "model.batch_size=200"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [r["seed"] for r in printed["runs"]] == [1, 2]
+    test_auc = []
+    for seed in (1, 2):
+        run_dir = out / "esmm" / f"seed{seed}"
+        assert {p.name for p in run_dir.iterdir()} >= {"checkpoint.pt", "metrics.json", "config.json"}
+        record = json.loads((run_dir / "metrics.json").read_text())
+        assert record["table_versions"] == {"train": 0, "valid": 0, "test": 0}
+        assert record["test"]["ctr_auc"] > 0.6 and len(record["history"]) == 2
+        assert json.loads((run_dir / "config.json").read_text())["model_options"]["batch_size"] == 200
+        test_auc.append(record["test"]["ctr_auc"])
+    assert test_auc[0] != test_auc[1]
+    assert (out / "results.md").is_file()
+    assert _job("evaluate")(["--run", str(out / "esmm" / "seed1" / "checkpoint.pt"), "--data", str(data)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["metrics"]["ctr_auc"] == pytest.approx(test_auc[0], abs=1e-12)

@@ -1,0 +1,299 @@
+"""Source readers on the real fixtures and the hand-made raw Ali-CCP fixture.
+
+Every read is checked for the row accounting invariant: per input split, data lines read ==
+canonical rows + rejected rows. Expected numbers come from reading the files with plain
+Python (csv), never from the reader under test.
+"""
+from __future__ import annotations
+
+import csv
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from pyspark.sql import functions as F
+
+from cvr_spark.data.fields import AITM18, FULL
+from cvr_spark.data.sources import REJECT_REASONS, SAMPLE_ID_OFFSET, SourceData, read_source
+
+RAW = Path(__file__).resolve().parent / "data" / "aliccp_raw"
+AITM_HEADER = ["click", "purchase", *AITM18]
+
+
+def accounting(data: SourceData) -> tuple[dict, Counter, dict]:
+    """(rows and label sums per split, rejects per (split, reason), input rows), in two jobs;
+    asserts the invariant and that every reason is a declared one."""
+    null = F.lit(None).cast("string")
+    frames = [getattr(data, s).select(F.lit(s).alias("split"), null.alias("reason"), "click",
+                                      "conversion") for s in ("train", "valid", "test")
+              if getattr(data, s) is not None]
+    frames.append(data.rejects.select(F.col("input_split").alias("split"), "reason",
+                                      F.lit(0).alias("click"), F.lit(0).alias("conversion")))
+    union = frames[0]
+    for frame in frames[1:]:
+        union = union.unionByName(frame)
+    rows, rejects = {}, Counter()
+    for r in union.groupBy("split", "reason").agg(F.count(F.lit(1)).alias("n"), F.sum("click").alias(
+            "clicks"), F.sum("conversion").alias("conversions")).collect():
+        if r["reason"] is None:
+            rows[r["split"]] = (r["n"], r["clicks"], r["conversions"])
+        else:
+            rejects[(r["split"], r["reason"])] = r["n"]
+    inputs = data.input_rows()
+    assert set(inputs) == set(data.source_files)
+    for split, n in inputs.items():
+        kept = rows.get(split, (0, 0, 0))[0]
+        assert n == kept + sum(v for (s, _), v in rejects.items() if s == split), split
+    assert {reason for _, reason in rejects} <= set(REJECT_REASONS)
+    return rows, rejects, inputs
+
+
+def csv_rows(path: Path, header: bool) -> list[list[str]]:
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    return rows[1:] if header else rows
+
+
+def write(path: Path, lines: list[str]) -> Path:
+    path.write_bytes(("\n".join(lines) + "\n").encode())
+    return path
+
+
+# ------------------------------------------------------------------ raw Ali-CCP
+
+
+def test_raw_fixture_exact_rows_and_rejects(spark) -> None:
+    data = read_source(spark, "aliccp-raw", str(RAW), fields="full")
+    assert [f.name for f in data.fields] == FULL
+    assert [f.name for f in data.fields if f.multi] == ["109_14", "110_14", "127_14", "150_14"]
+    assert data.train.columns == ["sample_id", "click", "conversion", *FULL]
+    assert dict(data.train.dtypes)["109_14"] == "array<string>"
+    assert dict(data.train.dtypes)["sample_id"] == "bigint"
+    rows = {r["sample_id"]: r.asDict() for r in data.train.unionByName(data.test).collect()}
+    test_id = SAMPLE_ID_OFFSET["test"] + 1
+    assert sorted(rows) == [1, 2, 3, 4, test_id]
+    r1, r2, r3, r4 = rows[1], rows[2], rows[3], rows[4]
+    assert (r1["click"], r1["conversion"]) == (1, 1)
+    assert (r1["101"], r1["121"], r1["124"], r1["122"]) == ("1001", "1101", "1201", None)
+    assert (r1["205"], r1["206"], r1["210"], r1["508"], r1["207"]) == ("3001", "3101", "3201", "4001", None)
+    assert (r1["109_14"], r1["150_14"], r1["110_14"]) == (["2001", "2002"], ["2101"], [])
+    assert (r2["101"], r2["122"], r2["205"], r2["121"], r2["109_14"]) == ("1002", "1301", "3002", None, [])
+    assert (r3["click"], r3["101"], r3["205"], r3["109_14"]) == (1, "1001", None, ["2001", "2002"])
+    assert (r4["101"], r4["109_14"]) == ("9999", ["2003", "2001", "2002"])
+    t = rows[test_id]
+    assert (t["click"], t["101"], t["127_14"], t["205"], t["109_14"]) == (1, "7001", ["7101"], "8001", [])
+
+    collected = data.rejects.collect()
+    rejects = {(r["line"].split(",")[0], r["reason"], r["input_split"]) for r in collected}
+    assert rejects == {
+        ("5", "conversion_without_click", "train"), ("6", "missing_common_key", "train"),
+        ("7", "malformed_feature", "train"), ("8", "bad_column_count", "train"),
+        ("9", "bad_label", "train"), ("10", "feature_count_mismatch", "train"),
+        ("abc", "bad_sample_id", "train"), ("12", "duplicate_sample_id", "train"),
+        ("13", "malformed_common_feature", "train"), ("14", "duplicate_common_key", "train"),
+        ("15", "malformed_common_feature", "train"), ("16", "malformed_feature", "train"),
+        ("2", "conversion_without_click", "test")}
+    # The invariant from what was collected above (one job fewer than accounting()).
+    inputs = data.input_rows()
+    kept = Counter("test" if sid >= SAMPLE_ID_OFFSET["test"] else "train" for sid in rows)
+    rejected = Counter(r["input_split"] for r in collected)
+    assert inputs == {"train": 17, "test": 2}
+    assert all(inputs[s] == kept[s] + rejected[s] for s in inputs)
+    raw_line = next(r for r in collected if r["line"].startswith("16,"))
+    assert raw_line["line"] == "16,1,0,ck1,1,205\x023013\x03abc"
+    assert raw_line["source_file"].endswith("sample_skeleton_train.csv")
+
+
+def test_raw_aitm18_preset_and_optional_test_pair(spark, tmp_path: Path) -> None:
+    for name in ("sample_skeleton_train.csv", "common_features_train.csv"):
+        shutil.copy(RAW / name, tmp_path / name)
+    data = read_source(spark, "aliccp-raw", str(tmp_path))
+    assert data.test is None and data.valid is None and list(data.source_files) == ["train"]
+    assert data.train.columns == ["sample_id", "click", "conversion", *AITM18]
+    assert all(not f.multi for f in data.fields)
+    row = data.train.filter(F.col("sample_id") == 1).first()
+    assert (row["101"], row["205"], row["508"]) == ("1001", "3001", "4001")
+
+
+def test_raw_missing_files_raise_clear_errors(spark, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does_not_exist"):
+        read_source(spark, "aliccp-raw", str(tmp_path / "does_not_exist"))
+    shutil.copy(RAW / "sample_skeleton_train.csv", tmp_path / "sample_skeleton_train.csv")
+    with pytest.raises(FileNotFoundError, match="common_features_train.csv"):
+        read_source(spark, "aliccp-raw", str(tmp_path))
+    shutil.copy(RAW / "common_features_train.csv", tmp_path / "common_features_train.csv")
+    shutil.copy(RAW / "sample_skeleton_test.csv", tmp_path / "sample_skeleton_test.csv")
+    with pytest.raises(FileNotFoundError, match="common_features_test.csv"):
+        read_source(spark, "aliccp-raw", str(tmp_path))
+    with pytest.raises(ValueError, match="unknown field preset"):
+        read_source(spark, "aliccp-raw", str(RAW), fields="nope")
+    with pytest.raises(ValueError, match="unknown source"):
+        read_source(spark, "criteo", str(RAW))
+
+
+# ------------------------------------------------------------------ AITM CSV
+
+
+def test_aitm_fixture_headerless_test_and_invalid_rows(spark, shared_fixtures: Path) -> None:
+    folder = shared_fixtures / "PaddleRec" / "aitm"
+    data = read_source(spark, "aitm-csv", str(folder))
+    assert [f.name for f in data.fields] == AITM18
+    assert data.train.columns == ["sample_id", "click", "conversion", *AITM18]
+    kept, rejects, inputs = accounting(data)
+    for split, header in (("train", True), ("test", False)):
+        rows = csv_rows(folder / f"{split}.csv", header)
+        invalid = sum(r[0] == "0" and r[1] == "1" for r in rows)
+        assert invalid > 0  # the fixture's documented click=0/purchase=1 rows
+        assert inputs[split] == len(rows)
+        assert {k: v for k, v in rejects.items() if k[0] == split} == {
+            (split, "conversion_without_click"): invalid}
+        assert kept[split] == (len(rows) - invalid, sum(r[0] == "1" for r in rows),
+                               sum(r[0] == "1" and r[1] == "1" for r in rows))
+    rows = csv_rows(folder / "train.csv", True)
+    nulls = data.train.filter(F.col("126").isNull()).count()
+    assert nulls == sum(r[7] == "0" for r in rows if not (r[0] == "0" and r[1] == "1")) > 0
+
+
+def test_ddpo_train_with_explicit_test_input(spark, shared_fixtures: Path) -> None:
+    test_file = shared_fixtures / "PaddleRec" / "aitm" / "test.csv"
+    data = read_source(spark, "aitm-csv", str(shared_fixtures / "ddpo-paddle" / "train.csv"),
+                       test_input=str(test_file))
+    assert data.source_files == {"train": [str(shared_fixtures / "ddpo-paddle" / "train.csv")],
+                                 "test": [str(test_file)]}
+    kept, rejects, inputs = accounting(data)
+    assert inputs == {"train": 1000, "test": 50}
+    assert kept["train"] == (1000, 39, 0)  # fixture README: 39 clicks, 0 conversions
+    assert not any(s == "train" for s, _ in rejects)
+
+
+def test_aitm_bad_inputs_exact_accounting(spark, tmp_path: Path) -> None:
+    good = ",".join(["5"] * 18)
+    zeros = ",".join(["0"] * 17 + ["7"])
+    write(tmp_path / "train.csv", [
+        ",".join(AITM_HEADER), f"1,1,{good}", f"0,0,{zeros}", f"0,1,{good}", f"2,0,{good}",
+        "1,0,5,6", "", f"1,0,{good}\r", f"x,0,{good}"])
+    write(tmp_path / "test.csv", [f"0,0,{good}", f"1,1,{good},9"])
+    data = read_source(spark, "aitm-csv", str(tmp_path))
+    kept, rejects, inputs = accounting(data)
+    assert inputs == {"train": 8, "test": 2}
+    assert kept == {"train": (3, 2, 1), "test": (1, 0, 0)}
+    assert rejects == Counter({("train", "conversion_without_click"): 1, ("train", "bad_label"): 2,
+                               ("train", "bad_column_count"): 2, ("test", "bad_column_count"): 1})
+    zero_row = data.train.filter(F.col("click") == 0).first()
+    assert [zero_row[f] for f in AITM18] == [None] * 17 + ["7"]
+    lines = {r["line"] for r in data.rejects.collect()}
+    assert {"", "1,0,5,6", f"x,0,{good}", f"1,1,{good},9"} <= lines
+
+
+def test_csv_missing_file_and_header_column_errors(spark, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no train file"):
+        read_source(spark, "aitm-csv", str(tmp_path))
+    write(tmp_path / "train.csv", [",".join(AITM_HEADER), "0,0," + ",".join(["1"] * 18)])
+    write(tmp_path / "test.csv", [",".join(AITM_HEADER[:-1]), "0,0," + ",".join(["1"] * 17)])
+    with pytest.raises(ValueError, match=r"test\.csv.*no column '301'"):
+        read_source(spark, "aitm-csv", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="missing_test.csv"):
+        read_source(spark, "aitm-csv", str(tmp_path / "train.csv"),
+                    test_input=str(tmp_path / "missing_test.csv"))
+
+
+# ------------------------------------------------------------------ torch-rechub CSV
+
+
+def test_rechub_fixture_three_splits(spark, shared_fixtures: Path) -> None:
+    folder = shared_fixtures / "torch-rechub" / "ali-ccp"
+    data = read_source(spark, "rechub-csv", str(folder))
+    assert set(data.source_files) == {"train", "valid", "test"}
+    header = csv_rows(folder / "ali_ccp_train_sample.csv", False)[0]
+    assert [f.name for f in data.fields] == header[2:25]
+    assert data.dense_fields == header[25:] and len(data.dense_fields) == 8
+    assert dict(data.train.dtypes)["D508"] == "double"
+    assert dict(data.train.dtypes)["150_14"] == "string"
+    kept, rejects, inputs = accounting(data)
+    for split, name in (("train", "train"), ("valid", "val"), ("test", "test")):
+        rows = csv_rows(folder / f"ali_ccp_{name}_sample.csv", True)
+        assert inputs[split] == len(rows) and kept[split][0] == len(rows)
+        assert kept[split][1:] == (sum(r[0] == "1" for r in rows), sum(r[1] == "1" for r in rows))
+    assert not rejects
+    ids = data.train.unionByName(data.valid).unionByName(data.test).select("sample_id")
+    assert ids.distinct().count() == 200
+    first = csv_rows(folder / "ali_ccp_val_sample.csv", True)[0]
+    row = data.valid.orderBy("sample_id").first()
+    assert [row[c] for c in header[2:25]] == first[2:25]  # "0" is a real re-encoded id here
+    assert [row[c] for c in header[25:]] == [float(v) for v in first[25:]]
+
+
+def test_rechub_bad_dense_and_missing_header_column(spark, shared_fixtures: Path,
+                                                    tmp_path: Path) -> None:
+    source = shared_fixtures / "torch-rechub" / "ali-ccp" / "ali_ccp_train_sample.csv"
+    header, first = source.read_text().splitlines()[:2]
+    write(tmp_path / "ali_ccp_train_x.csv", [header, first, first[:first.rindex(",")] + ",abc",
+                                             first[:first.rindex(",")] + ","])
+    kept, rejects, inputs = accounting(read_source(spark, "rechub-csv", str(tmp_path)))
+    assert (inputs, kept["train"][0]) == ({"train": 3}, 1)
+    assert rejects == Counter({("train", "bad_dense_value"): 2})
+    bad = tmp_path / "no_d853.csv"
+    write(bad, [header[:header.rindex(",")], first[:first.rindex(",")]])
+    with pytest.raises(ValueError, match=r"no_d853\.csv.*no column 'D853'"):
+        read_source(spark, "rechub-csv", str(bad))
+
+
+# ------------------------------------------------------------------ PaddleRec joined text
+
+
+def test_paddle_joined_fixture_multi_valued(spark, shared_fixtures: Path) -> None:
+    folder = shared_fixtures / "PaddleRec" / "esmm"
+    data = read_source(spark, "paddle-joined", str(folder), fields="full")
+    kept, rejects, inputs = accounting(data)
+    assert inputs == {"train": 10, "test": 10} and not rejects
+    lines = (folder / "train_small.txt").read_text().splitlines()
+    tokens = [t.split(":") for line in lines for t in line.split(",")[3:]]
+    total = data.train.select(*[F.sum(F.size(f)).alias(f) for f in
+                                ("109_14", "110_14", "127_14", "150_14")]).first()
+    for field in ("109_14", "110_14", "127_14", "150_14"):
+        assert total[field] == sum(f == field for f, _ in tokens) > 0
+    ids = data.train.unionByName(data.test).select("sample_id").distinct().count()
+    assert ids == 20  # both files number their rows 1..10
+    first = lines[0].split(",")
+    row = data.train.orderBy("sample_id").first()
+    assert row["210"] == next(t.split(":")[1] for t in first[3:] if t.startswith("210:"))
+    for field in ("205", "509", "853"):
+        assert row[field] == next((t.split(":")[1] for t in first[3:] if t.startswith(field + ":")), None)
+    assert (row["click"], row["conversion"]) == (int(first[1]), int(first[2]))
+
+
+def test_paddle_joined_bad_lines(spark, tmp_path: Path) -> None:
+    path = write(tmp_path / "part.txt", [
+        "1,1,1,101:5,205:6,150_14:7,150_14:8", "2,0,0,101:5,205", "3,x,0,101:5",
+        "abc,0,0,101:5", "4,0", "5,0,1,101:5", "6,0,0"])
+    data = read_source(spark, "paddle-joined", str(path), fields="full")
+    kept, rejects, inputs = accounting(data)
+    assert inputs == {"train": 7} and kept["train"] == (2, 1, 1)
+    assert rejects == Counter({("train", r): 1 for r in (
+        "malformed_feature", "bad_label", "bad_sample_id", "bad_column_count",
+        "conversion_without_click")})
+    row = data.train.filter(F.col("click") == 1).first()
+    assert (row["101"], row["205"], row["150_14"], row["109_14"]) == ("5", "6", ["7", "8"], [])
+
+
+# ------------------------------------------------------------------ AliExpress CSV
+
+
+@pytest.mark.parametrize("folder,train,test", [
+    ("torch-rechub/aliexpress", "aliexpress_train_sample.csv", "aliexpress_test_sample.csv"),
+    ("FuxiCTR/tiny_mtl", "train.csv", "test.csv")])
+def test_aliexpress_fixtures(spark, shared_fixtures: Path, folder: str, train: str,
+                             test: str) -> None:
+    data = read_source(spark, "aliexpress-csv", str(shared_fixtures / folder))
+    assert [f.name for f in data.fields] == [f"categorical_{i}" for i in range(1, 17)]
+    assert {f.group for f in data.fields} == {"context"}
+    assert data.dense_fields == [f"numerical_{i}" for i in range(1, 64)]
+    kept, rejects, inputs = accounting(data)
+    for split, name in (("train", train), ("test", test)):
+        rows = csv_rows(shared_fixtures / folder / name, True)
+        invalid = sum(r[-2] == "0" and r[-1] == "1" for r in rows)
+        assert inputs[split] == len(rows)
+        assert kept[split] == (len(rows) - invalid, sum(r[-2] == "1" for r in rows),
+                               sum(r[-2] == "1" and r[-1] == "1" for r in rows))
+        assert rejects[(split, "conversion_without_click")] == invalid

@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_demo)
     _add_train_commands(sub)
+    _add_graph_and_score_commands(sub)
     return parser
 
 
@@ -122,28 +123,56 @@ def _add_train_commands(sub) -> None:
     p = sub.add_parser("train", help="train models x seeds on a feature table; writes a report")
     p.add_argument("--data", required=True, help="feature job output folder (has manifest.json)")
     p.add_argument("--model", required=True, help="registry name(s), comma-separated")
-    p.add_argument("--preset", default="paper")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seeds", default="1")
-    p.add_argument("--processes", type=int, default=1)
-    p.add_argument("--out", required=True)
+    p.add_argument("--preset", default="paper", help="block of conf/models/<model>.yaml (paper, fast)")
+    p.add_argument("--epochs", type=int, default=None, help="default: train.epochs (10)")
+    p.add_argument("--seeds", default="1", help="comma-separated seeds, one run each")
+    p.add_argument("--processes", type=int, default=1, help="ranks per run (1: in this process, "
+                   "more: TorchDistributor)")
+    p.add_argument("--out", required=True, help="run folder root (<out>/<model>/seed<k>)")
+    p.add_argument("--graphs", default=None, help="graph job output for graph models such as CSTWA "
+                   "(default: <data>/graphs)")
+    p.add_argument("--graph-version", dest="graph_version", type=int, default=None,
+                   help="pin a graph version (default: the current one)")
+    p.add_argument("--use-gpu", dest="use_gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: whether this driver sees a CUDA device")
+    p.add_argument("--local-mode", dest="local_mode", action=argparse.BooleanOptionalAction, default=True,
+                   help="TorchDistributor local_mode (processes on the driver; --no-local-mode: one "
+                   "Spark task per process on the executors, run folder on shared storage)")
     p.add_argument("overrides", nargs="*", help="dotted overrides: train.<key>=v or model.<key>=v")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a trained run on a split")
     p.add_argument("--run", required=True, help="run folder (<out>/<model>/seed<k>) or checkpoint")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", default="test")
+    p.add_argument("--data", required=True, help="feature job output folder (has manifest.json)")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.set_defaults(func=cmd_evaluate)
+
+
+def _add_graph_and_score_commands(sub) -> None:
+    from cvr_spark.graph.job import add_graph_arguments
+    from cvr_spark.score import add_score_arguments
+
+    p = sub.add_parser("graph", help="pre-trained CTR embeddings -> FAISS user/item graphs for CSTWA")
+    add_graph_arguments(p)
+    p.set_defaults(func=cmd_graph)
+
+    p = sub.add_parser("score", help="score a features table with a trained run -> predictions table")
+    add_score_arguments(p)
+    p.set_defaults(func=cmd_score)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cvr_spark.train.experiment import run_train
 
+    if args.processes > 1:  # TorchDistributor runs on the active (spark-submit's) or a local session
+        from cvr_spark.spark import get_spark
+
+        get_spark()
     result = run_train(
         args.data, [m.strip() for m in args.model.split(",") if m.strip()],
         [int(s) for s in args.seeds.split(",") if s.strip()], args.preset, args.epochs,
-        args.processes, args.out, overrides=list(args.overrides),
+        args.processes, args.out, overrides=list(args.overrides), use_gpu=args.use_gpu,
+        local_mode=args.local_mode, graph_dir=args.graphs, graph_version=args.graph_version,
     )
     print(json.dumps(result, indent=2, default=str))
     return 0
@@ -154,6 +183,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     print(json.dumps(run_evaluate(args.run, args.data, args.split), indent=2, default=str))
     return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from cvr_spark.graph.job import config_from_args, run_graph
+    from cvr_spark.spark import get_spark
+
+    cfg = config_from_args(args)
+    print(json.dumps(run_graph(get_spark(cfg.spark), cfg.graph), indent=2, default=str))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from cvr_spark.score import cmd_score as score
+
+    return score(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The one-command demo: simulate -> features -> train a representative set -> report.
+"""The one-command demo: simulate -> features -> graphs -> train a representative set -> report.
 
 Every stage writes under ``out_dir`` and is skipped when its output is already there
 (``rebuild=True`` redoes everything). Runs on the embedded default: local Spark and the
@@ -50,6 +50,16 @@ def _register_truth(spark, manifest_path: Path, manifest: dict, truth_path: Path
     return manifest
 
 
+def demo_graph_config(feat_dir: Path, graph_dir: Path):
+    """The graph job as the demo runs it: pre-train the CTR model with the ``fast`` preset (at
+    most 3 epochs), exact top-8 on CPU. Unchanged inputs keep the published version."""
+    from cvr_spark.graph.job import GraphConfig
+    from cvr_spark.graph.pretrain import PretrainConfig
+
+    return GraphConfig(data=str(feat_dir), output=str(graph_dir), format="delta",
+                       pretrain=PretrainConfig(preset="fast", epochs=3, seed=1))
+
+
 def _stage(name: str, i: int, n: int) -> float:
     print(f"[{i}/{n}] {name} ...", flush=True)
     return time.time()
@@ -64,11 +74,13 @@ def run_demo(cfg: Config, out_dir: str = "runs/demo", rows: int | None = None,
     """Run the whole pipeline on simulated data; returns the paths of what it built."""
     from cvr_spark.data.features import run_features
     from cvr_spark.data.simulator import preset_config, simulate
+    from cvr_spark.graph.job import run_graph
     from cvr_spark.spark import get_spark
 
     out = Path(out_dir).resolve()
     raw_dir, feat_dir, train_dir = out / "raw", out / "features", out / "runs"
-    n_stages = 3
+    graph_dir = feat_dir / "graphs"  # where training looks by default (<data>/graphs)
+    n_stages = 4
     t_all = time.time()
     t0 = _stage("starting Spark", 0, n_stages)
     spark = get_spark(cfg.spark)
@@ -96,10 +108,16 @@ def run_demo(cfg: Config, out_dir: str = "runs/demo", rows: int | None = None,
     manifest = _register_truth(spark, manifest_path, manifest, raw_dir / "truth")
     print(summarize_manifest(manifest))
 
-    t0 = _stage(f"train + evaluate -> {train_dir}", 3, n_stages)
+    t0 = _stage(f"graph (pre-train CTR, FAISS top-K) -> {graph_dir}", 3, n_stages)
+    entry = run_graph(spark, demo_graph_config(feat_dir, graph_dir))
+    _done(t0, f"(graph version {entry['graph_version']}{', reused' if entry['skipped'] else ''}: "
+              f"{entry['user']['edges']:,} user / {entry['item']['edges']:,} item edges)")
+
+    t0 = _stage(f"train + evaluate -> {train_dir}", 4, n_stages)
     from cvr_spark.train.experiment import run_train
 
-    result = run_train(str(feat_dir), models or DEMO_MODELS, [1], "fast", None, 1, str(train_dir))
+    result = run_train(str(feat_dir), models or DEMO_MODELS, [1], "fast", None, 1, str(train_dir),
+                       graph_dir=str(graph_dir))
     _done(t0)
     report = train_dir / "results.md"
     if report.exists():

@@ -213,7 +213,11 @@ def scoring_payload(run_dir: str | Path) -> dict:
     outputs = list(dict.fromkeys([*OUTPUT_COLUMNS, cls.cvr_output, cls.ctcvr_output]))
     return {"model_name": meta["model_name"], "model_options": dict(meta["model_options"]),
             "spec": dict(meta["spec"]), "outputs": outputs, "weights": buf.getvalue(),
-            "seed": (meta.get("job") or {}).get("seed"), "key": digest.hexdigest()}
+            "seed": (meta.get("job") or {}).get("seed"), "key": digest.hexdigest(),
+            # Graph models (CSTWA's Structure Migrator) read the run's pinned graph version on the
+            # executors (graphs are not in checkpoints): the folder must be shared storage there.
+            "graph_dir": (meta.get("job") or {}).get("graph_dir"),
+            "graph_version": (meta.get("job") or {}).get("graph_version")}
 
 
 def build_model(payload: Mapping[str, Any], device: str = "cpu") -> Any:
@@ -227,7 +231,12 @@ def build_model(payload: Mapping[str, Any], device: str = "cpu") -> Any:
     model = registry.build(payload["model_name"], spec_from_dict(payload["spec"]), payload["model_options"])
     weights = torch.load(io.BytesIO(payload["weights"]), map_location="cpu", weights_only=True)
     model.load_state_dict(weights)
-    return model.to(resolve_device(device)).eval()
+    model = model.to(resolve_device(device))
+    if payload.get("graph_dir"):
+        from cvr_spark.train.distributed import attach_graphs
+
+        attach_graphs(model, payload["graph_dir"], payload["graph_dir"], payload.get("graph_version"))
+    return model.eval()
 
 
 def _cached_model(bc: Any, device: str) -> Any:

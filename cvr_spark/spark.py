@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -96,6 +97,9 @@ def get_spark(cfg: SparkConfig | None = None):
         builder = builder.config("spark.sql.extensions", DELTA_EXTENSION).config(
             "spark.sql.catalog.spark_catalog", DELTA_CATALOG)
     elif not on_databricks():
+        # Python workers must run this interpreter (the venv with numpy/torch), not whatever
+        # ``python3`` is first on PATH; a user's PYSPARK_PYTHON still wins.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         builder = (
             builder.master(cfg.master)
             .config("spark.driver.memory", cfg.driver_memory)

@@ -108,25 +108,53 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def attach_graphs(model: Any, data_dir: str | Path, manifest: Mapping[str, Any]) -> None:
+def graph_dir_for(data_dir: str | Path, graph_dir: Optional[str | Path] = None) -> Path:
+    """Where a run's graphs live: ``graph_dir`` if given, else ``<data_dir>/graphs`` (the
+    folder ``cvr-spark demo`` and the README's examples give the graph job's ``--output``)."""
+    return Path(graph_dir) if graph_dir else Path(data_dir) / "graphs"
+
+
+def needs_graphs(model_options: Mapping[str, Any]) -> bool:
+    """Whether a model with these options reads user/item graphs (CSTWA's Structure Migrator)."""
+    return bool(model_options.get("structure_migrator", False))
+
+
+def pin_graph_version(graph_dir: str | Path, version: Optional[int] = None) -> int:
+    """The graph version a run will read: ``version`` if given, else the current one, so that
+    every rank, and the evaluation after training, read the same graphs even if a scheduled
+    refresh publishes a new version meanwhile.
+
+    Raises:
+        FileNotFoundError: no graph published in ``graph_dir`` (says how to build one).
+    """
+    from cvr_spark.graph.store import graph_entry
+
+    return int(graph_entry(graph_dir, version)["graph_version"])
+
+
+def attach_graphs(model: Any, data_dir: str | Path, graph_dir: Optional[str | Path] = None,
+                  graph_version: Optional[int] = None) -> None:
     """Give a graph-using model (CSTWA with ``structure_migrator``) its user / item graphs.
 
     Graphs are not in checkpoints (see ``CSTWA.set_graphs``), so training and evaluation both
-    call this. The graphs come from the graph job's reader
-    ``cvr_spark.graph.tables.load_structure_graphs(data_dir, manifest, spec) -> (user, item)``.
+    call this with the run's pinned ``graph_version`` (default: the current one). Models that
+    use no graphs are left alone.
 
     Raises:
-        RuntimeError: the model needs graphs and no graph reader / graph tables are available.
+        FileNotFoundError: the model needs graphs and none are published in the graph folder.
+        ValueError: the graphs were built on other features than the model's.
     """
     if not callable(getattr(model, "set_graphs", None)) or not getattr(model.cfg, "structure_migrator", False):
         return
+    from cvr_spark.graph.store import load_structure_graphs
+
+    where = graph_dir_for(data_dir, graph_dir)
     try:
-        from cvr_spark.graph.tables import load_structure_graphs
-    except ImportError as e:
-        raise RuntimeError(f"model '{model.name}' needs user/item graphs (model.structure_migrator=true) but "
-                           f"the graph reader is unavailable ({e}); build the graphs with the graph job, "
-                           "or train with model.structure_migrator=false") from None
-    user, item = load_structure_graphs(data_dir, manifest, model.spec)
+        user, item = load_structure_graphs(where, model.spec, graph_version)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"model '{model.name}' needs user/item graphs (model.structure_migrator=true): {e}; "
+                                f"build them with `cvr-spark graph --data {data_dir} --output {where}`, "
+                                "or train with model.structure_migrator=false") from None
     model.set_graphs(user, item)
 
 
@@ -149,7 +177,8 @@ def run_job(job: Mapping[str, Any], rank: int = 0, world_size: int = 1) -> dict:
     seed_everything(int(job["seed"]))  # identical initial weights on every rank
     model = registry.build(job["model"], spec, job["model_options"])
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", rank)))
-    attach_graphs(model.to(device), job["data_dir"], manifest)  # graphs follow the model's device
+    attach_graphs(model.to(device), job["data_dir"], job.get("graph_dir"),  # graphs follow the model's device
+                  job.get("graph_version"))
     common = dict(rank=rank, world_size=world_size, seed=int(job["seed"]), in_memory=cfg.in_memory,
                   device=device, version=job.get("version"), spec=spec)
     train = FeatureLoader(job["data_dir"], "train", model.cfg.batch_size, shuffle=True, **common)

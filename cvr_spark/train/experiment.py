@@ -168,7 +168,8 @@ def evaluate_run(target: str | Path, data_dir: str | Path, split: str = "test", 
     model = registry.build(meta["model_name"], spec, meta["model_options"])
     model.load_state_dict(state["best_model"] if state.get("best_model") is not None else state["model"])
     dev = resolve_device(device)
-    attach_graphs(model.to(dev), data_dir, manifest)
+    job = meta.get("job", {})
+    attach_graphs(model.to(dev), data_dir, job.get("graph_dir"), job.get("graph_version"))
     loader = FeatureLoader(str(data_dir), split, batch_size, shuffle=False, spec=spec, device=dev,
                            version=meta.get("job", {}).get("version"))
     pred = predict(model, loader, dev)
@@ -207,7 +208,8 @@ def _log_mlflow(run: Mapping[str, Any], run_dir: Path) -> None:
 
 def run_train(data_dir: str | Path, models: Sequence[str], seeds: Sequence[int], preset: str = "paper",
               epochs: Optional[int] = None, processes: int = 1, out_dir: str | Path = "runs",
-              overrides: Overrides = None, *, use_gpu: Optional[bool] = None, local_mode: bool = True) -> dict:
+              overrides: Overrides = None, *, use_gpu: Optional[bool] = None, local_mode: bool = True,
+              graph_dir: Optional[str | Path] = None, graph_version: Optional[int] = None) -> dict:
     """Train every model with every seed, evaluate each run's best weights on test, write the report.
 
     Args:
@@ -216,6 +218,8 @@ def run_train(data_dir: str | Path, models: Sequence[str], seeds: Sequence[int],
         processes: ranks per run (1: in this process; more: TorchDistributor).
         overrides: ``train.*`` / ``model.*`` dotted overrides (see :func:`parse_overrides`).
         use_gpu: default: whether CUDA is available here.
+        graph_dir: the graph job's output for graph models (default ``<data_dir>/graphs``).
+        graph_version: pin a graph version (default: the current one when training starts).
 
     Returns:
         ``out_dir``, ``runs`` (one evaluate_run result + ``run_dir`` per run), ``report``.
@@ -225,7 +229,7 @@ def run_train(data_dir: str | Path, models: Sequence[str], seeds: Sequence[int],
     from cvr_spark.evaluate.report import write_report
     from cvr_spark.models.base import FeatureSpec
     from cvr_spark.models.registry import preset_options
-    from cvr_spark.train.distributed import train_distributed
+    from cvr_spark.train.distributed import graph_dir_for, needs_graphs, pin_graph_version, train_distributed
     from cvr_spark.train.loader import load_manifest
 
     train_over, model_over = parse_overrides(overrides)
@@ -239,6 +243,9 @@ def run_train(data_dir: str | Path, models: Sequence[str], seeds: Sequence[int],
             job = {"data_dir": str(Path(data_dir).resolve()), "model": name, "preset": preset,
                    "seed": int(seed), "out_dir": str(out / name / f"seed{seed}"),
                    "model_options": plain(options), "train": plain(dataclasses.asdict(cfg))}
+            if needs_graphs(options):
+                where = graph_dir_for(data_dir, graph_dir).resolve()
+                job.update(graph_dir=str(where), graph_version=pin_graph_version(where, graph_version))
             run_dir = Path(train_distributed(job, processes, use_gpu, local_mode))
             result = evaluate_run(run_dir, data_dir, "test", device="cuda" if use_gpu else "cpu")
             results.append({**result, "run_dir": str(run_dir)})

@@ -274,3 +274,26 @@ def test_experiment_end_to_end_in_process(tmp_path, capsys):
     assert _job("evaluate")(["--run", str(out / "esmm" / "seed1" / "checkpoint.pt"), "--data", str(data)]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["metrics"]["ctr_auc"] == pytest.approx(test_auc[0], abs=1e-12)
+
+
+def test_load_truth_matches_the_feature_jobs_shifted_test_ids(tmp_path):
+    """The simulator keys truth by raw-file id + file split; features shift test ids by 2**57."""
+    from deltalake import write_deltalake
+
+    from cvr_spark.data.sources import SAMPLE_ID_OFFSET
+    from cvr_spark.train.experiment import load_truth
+
+    # Raw ids 1..3 occur in both files (as in Ali-CCP); the truth differs per file.
+    truth = pa.table({"sample_id": [1, 2, 3, 1, 2, 3], "split": ["train"] * 3 + ["test"] * 3,
+                      "p_cvr": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+                      "potential_conversion": [0, 1, 0, 1, 0, 1]})
+    write_deltalake(str(tmp_path / "truth"), truth)
+    manifest = {"tables": {"truth": {"path": "truth", "format": "delta", "version": 0}}}
+    test = SAMPLE_ID_OFFSET["test"]
+    ids = np.array([test + 3, 2, test + 1], dtype=np.int64)  # predictions in any order
+    got = load_truth(tmp_path, manifest, ids)
+    assert got["p_cvr_true"].tolist() == [0.6, 0.2, 0.4]
+    assert got["potential_conversion"].tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="no row for 1 predicted"):
+        load_truth(tmp_path, manifest, np.array([2, test + 7], dtype=np.int64))
+    assert load_truth(tmp_path, {"tables": {}}, ids) is None

@@ -99,6 +99,7 @@ def load_truth(data_dir: str | Path, manifest: Mapping[str, Any],
     Raises:
         ValueError: the table lacks ``sample_id`` or rows for some predicted samples.
     """
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
@@ -118,7 +119,22 @@ def load_truth(data_dir: str | Path, manifest: Mapping[str, Any],
     if "sample_id" not in data.schema.names or not cols:
         raise ValueError(f"truth table {path}: expected columns sample_id and p_cvr_true / "
                          f"potential_conversion, found {data.schema.names}")
-    table = data.to_table(columns=["sample_id", *cols], filter=pc.field("sample_id").isin(sample_id))
+    if "split" in data.schema.names:
+        # The simulator keys its truth by the raw files' ids and names the file (train / test);
+        # the feature job shifts ids per input split (SAMPLE_ID_OFFSET: train and test raw ids
+        # overlap in Ali-CCP), so the truth is shifted the same way before matching.
+        from cvr_spark.data.sources import SAMPLE_ID_BITS, SAMPLE_ID_OFFSET
+
+        parts = []
+        for split, offset in SAMPLE_ID_OFFSET.items():
+            wanted = sample_id[(sample_id >= offset) & (sample_id < offset + (1 << SAMPLE_ID_BITS))] - offset
+            if len(wanted):
+                part = data.to_table(columns=["sample_id", *cols], filter=(pc.field("split") == split)
+                                     & pc.field("sample_id").isin(wanted))
+                parts.append(part.set_column(0, "sample_id", pc.add(part.column("sample_id"), offset)))
+        table = pa.concat_tables(parts) if parts else data.schema.empty_table().select(["sample_id", *cols])
+    else:
+        table = data.to_table(columns=["sample_id", *cols], filter=pc.field("sample_id").isin(sample_id))
     ids = table.column("sample_id").to_numpy()
     order = np.argsort(ids, kind="stable")
     pos = np.searchsorted(ids[order], sample_id).clip(0, max(len(ids) - 1, 0))

@@ -1,7 +1,8 @@
 """The ``cvr-spark`` command: one subcommand per stage, each a thin call into the library.
 
-Every subcommand accepts ``--config FILE`` (repeatable YAML) and trailing dotted overrides
-(``features.min_count=5 spark.master=local[2]``); flags are shorthands for those overrides.
+The Spark stages (features, simulate, demo, graph, score) accept ``--config FILE`` (repeatable
+YAML) and trailing dotted overrides (``features.min_count=5 spark.master=local[2]``); their flags
+are shorthands for those overrides. ``train`` takes ``train.<key>=v`` / ``model.<key>=v`` overrides.
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="print the model registry")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("demo", help="simulate -> features -> train -> evaluate, on the embedded default")
+    p = sub.add_parser("demo", help="simulate -> features -> graphs -> train -> evaluate, on the embedded default")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--rows", type=int, default=None)
     p.add_argument("--rebuild", action="store_true", help="rebuild every stage even if present")

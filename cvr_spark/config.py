@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO_ROOT / "conf"
+# A source checkout reads the repository's conf/; an installed wheel carries it as cvr_spark/conf.
+CONF_DIR = REPO_ROOT / "conf" if (REPO_ROOT / "conf").is_dir() else Path(__file__).resolve().parent / "conf"
 
 
 class ConfigError(ValueError):

@@ -50,14 +50,15 @@ def _register_truth(spark, manifest_path: Path, manifest: dict, truth_path: Path
     return manifest
 
 
-def demo_graph_config(feat_dir: Path, graph_dir: Path):
+def demo_graph_config(feat_dir: Path, graph_dir: Path, force: bool = False):
     """The graph job as the demo runs it: pre-train the CTR model with the ``fast`` preset (at
-    most 3 epochs), exact top-8 on CPU. Unchanged inputs keep the published version."""
+    most 3 epochs), exact top-8 (FAISS on a GPU if one is seen). Unchanged inputs keep the
+    published version; ``force`` (the demo's ``--rebuild``) publishes a new one."""
     from cvr_spark.graph.job import GraphConfig
     from cvr_spark.graph.pretrain import PretrainConfig
 
     return GraphConfig(data=str(feat_dir), output=str(graph_dir), format="delta",
-                       pretrain=PretrainConfig(preset="fast", epochs=3, seed=1))
+                       force=force, pretrain=PretrainConfig(preset="fast", epochs=3, seed=1))
 
 
 def _stage(name: str, i: int, n: int) -> float:
@@ -109,15 +110,16 @@ def run_demo(cfg: Config, out_dir: str = "runs/demo", rows: int | None = None,
     print(summarize_manifest(manifest))
 
     t0 = _stage(f"graph (pre-train CTR, FAISS top-K) -> {graph_dir}", 3, n_stages)
-    entry = run_graph(spark, demo_graph_config(feat_dir, graph_dir))
+    entry = run_graph(spark, demo_graph_config(feat_dir, graph_dir, rebuild))
     _done(t0, f"(graph version {entry['graph_version']}{', reused' if entry['skipped'] else ''}: "
               f"{entry['user']['edges']:,} user / {entry['item']['edges']:,} item edges)")
 
     t0 = _stage(f"train + evaluate -> {train_dir}", 4, n_stages)
     from cvr_spark.train.experiment import run_train
 
+    # Finished runs are kept (the loop resumes them as done) unless asked to rebuild.
     result = run_train(str(feat_dir), models or DEMO_MODELS, [1], "fast", None, 1, str(train_dir),
-                       graph_dir=str(graph_dir))
+                       overrides=[f"train.resume={str(not rebuild).lower()}"], graph_dir=str(graph_dir))
     _done(t0)
     report = train_dir / "results.md"
     if report.exists():

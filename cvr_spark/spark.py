@@ -28,7 +28,13 @@ DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
 
 def delta_version(cfg: SparkConfig) -> str:
     """The Delta jar version: the config's, else the installed delta-spark package's."""
-    return cfg.delta_version or metadata.version("delta-spark")
+    if cfg.delta_version:
+        return cfg.delta_version
+    try:
+        return metadata.version("delta-spark")
+    except metadata.PackageNotFoundError:
+        raise RuntimeError("delta-spark is not installed: pip install 'cvr-spark[spark]' (the pinned "
+                           "pyspark + delta-spark pair), or set spark.delta_version") from None
 
 
 def delta_artifacts(cfg: SparkConfig) -> list[str]:
@@ -85,7 +91,11 @@ def get_spark(cfg: SparkConfig | None = None):
     Under spark-submit the session is built from spark-submit's settings (only Delta's SQL
     extension is added); on Databricks nothing is added; elsewhere a local session starts.
     """
-    from pyspark.sql import SparkSession
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise RuntimeError("pyspark is not installed: pip install 'cvr-spark[spark]' locally; clusters "
+                           "(Databricks, spark-submit) provide their own") from None
 
     active = SparkSession.getActiveSession()
     if active is not None:

@@ -1,4 +1,4 @@
-"""spark-submit entry point of batch scoring; same flags as ``cvr-spark score``.
+r"""spark-submit entry point of batch scoring; same flags as ``cvr-spark score``.
 
     spark-submit --packages io.delta:delta-spark_4.1_2.13:4.4.0,io.delta:delta-storage:4.4.0 \
         jobs/score.py --config conf/score.yaml --run runs/aliccp/esmm/seed1 --data out/aliccp \

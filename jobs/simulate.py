@@ -1,4 +1,4 @@
-"""spark-submit entry point of the simulator; same flags as ``cvr-spark simulate``.
+r"""spark-submit entry point of the simulator; same flags as ``cvr-spark simulate``.
 
     spark-submit --packages io.delta:delta-spark_4.1_2.13:4.4.0,io.delta:delta-storage:4.4.0 \
         jobs/simulate.py --output data/sim --rows 100000000 --preset default

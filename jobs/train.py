@@ -1,4 +1,4 @@
-"""spark-submit entry point of training: models x seeds -> checkpoints, test metrics, report.
+r"""spark-submit entry point of training: models x seeds -> checkpoints, test metrics, report.
 
     spark-submit --packages io.delta:delta-spark_4.1_2.13:4.4.0,io.delta:delta-storage:4.4.0 \
         jobs/train.py --data out/aliccp --model esmm,aitm --seeds 1,2,3 --processes 4 \

@@ -11,7 +11,7 @@
 # COMMAND ----------
 
 dbutils.widgets.text("data", "/Volumes/main/cvr/data/features", "feature job output")
-dbutils.widgets.text("output", "/Volumes/main/cvr/data/graphs", "graph folder")
+dbutils.widgets.text("output", "/Volumes/main/cvr/data/features/graphs", "graph folder (training reads <data>/graphs)")
 dbutils.widgets.text("ctr_checkpoint", "", "CTR run folder or checkpoint (empty: pre-train)")
 dbutils.widgets.text("k", "", "top-K per node (empty: config)")
 dbutils.widgets.text("config", "../conf/graph.yaml", "YAML config (empty: none)")

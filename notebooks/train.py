@@ -20,6 +20,7 @@ dbutils.widgets.text("processes", "1", "ranks per run")
 dbutils.widgets.dropdown("use_gpu", "auto", ["auto", "true", "false"], "use GPUs")
 dbutils.widgets.dropdown("local_mode", "true", ["true", "false"], "TorchDistributor local_mode")
 dbutils.widgets.text("out", "/Volumes/main/cvr/data/runs", "run folder root")
+dbutils.widgets.text("graphs", "", "graph folder for CSTWA (empty: <data>/graphs)")
 dbutils.widgets.text("train_config", "../conf/train.yaml", "train/model options YAML (empty: none)")
 dbutils.widgets.text("overrides", "", "dotted overrides, space-separated")
 
@@ -44,6 +45,7 @@ from cvr_spark.train.experiment import run_train
 result = run_train(dbutils.widgets.get("data"), models, seeds, dbutils.widgets.get("preset"), epochs,
                    int(dbutils.widgets.get("processes")), dbutils.widgets.get("out"),
                    OmegaConf.to_container(options), use_gpu=use_gpu,
-                   local_mode=dbutils.widgets.get("local_mode") == "true")
+                   local_mode=dbutils.widgets.get("local_mode") == "true",
+                   graph_dir=dbutils.widgets.get("graphs").strip() or None)
 print(json.dumps([{k: r[k] for k in ("model", "seed", "run_dir", "metrics")} for r in result["runs"]],
                  indent=2, default=str))

@@ -121,8 +121,16 @@ def test_jobs_promised(bundle):
     cluster = train["job_clusters"][0]["new_cluster"]
     assert "gpu" in resolve(cluster["spark_version"])
     assert re.match(r"(g\d|p\d|Standard_NC|Standard_ND|a2-)", resolve(cluster["node_type_id"]))
-    params = train["tasks"][0]["notebook_task"]["base_parameters"]
+    tasks = {t["task_key"]: t for t in train["tasks"]}
+    params = tasks["train"]["notebook_task"]["base_parameters"]
     assert params["use_gpu"] == "true" and int(resolve(params["processes"])) == int(resolve(cluster["num_workers"]))
+    # CSTWA's graphs: built by a task the training depends on, in the folder training reads,
+    # the same folder the scheduled refresh publishes to.
+    assert {"task_key": "graph"} in tasks["train"]["depends_on"]
+    graph_out = tasks["graph"]["notebook_task"]["base_parameters"]["output"]
+    assert graph_out == params["graphs"] == f"{params['data']}/graphs"
+    refresh = jobs["graph_refresh"]["tasks"][0]["notebook_task"]["base_parameters"]
+    assert refresh["output"] == graph_out and refresh["data"] == params["data"]
 
 
 def test_train_yaml_is_valid_run_train_overrides():
@@ -139,3 +147,22 @@ def test_train_yaml_is_valid_run_train_overrides():
     preset_options("esmm", "paper", model)  # model keys are fields of the model configs
     with pytest.raises(ValueError, match="train.epoch"):
         make_train_config({"epoch": 3})
+
+
+def test_wheel_carries_the_configs_and_presets(tmp_path):
+    """The bundle's jobs run the library from its wheel, without the repository: the wheel must
+    carry conf/ (stage configs and every registry model's presets) as cvr_spark/conf."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from cvr_spark.models.registry import names
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    str(ROOT), "-w", str(tmp_path)], check=True, cwd=tmp_path)
+    (whl,) = tmp_path.glob("cvr_spark-*.whl")
+    inside = set(zipfile.ZipFile(whl).namelist())
+    for f in (ROOT / "conf").rglob("*.yaml"):
+        assert f"cvr_spark/conf/{f.relative_to(ROOT / 'conf').as_posix()}" in inside
+    for name in names():
+        assert f"cvr_spark/conf/models/{name.replace('+', '_')}.yaml" in inside

@@ -64,9 +64,14 @@ def results_table(runs: list[dict]) -> pd.DataFrame:
     return stats[COLUMNS].reset_index(drop=True)
 
 
-def _fmt(mean: float, std: float, n: int) -> str:
+COUNT_METRICS = ("n_impressions", "n_clicks", "n_conversions", "gauc_users")
+
+
+def _fmt(mean: float, std: float, n: int, count: bool = False) -> str:
     if math.isnan(mean):
         return "n/a"
+    if count and float(mean).is_integer() and (math.isnan(std) or std == 0):
+        return f"{int(mean):,}"
     return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
 
 
@@ -87,7 +92,7 @@ def _wide(table: pd.DataFrame) -> pd.DataFrame:
     """metric x model grid of ``mean ± std`` with the sample space of each metric."""
     models = list(dict.fromkeys(table["model"]))
     metrics = _metric_order(set(table["metric"]))
-    cell = {(r.model, r.metric): _fmt(r.mean, r.std, r.n) for r in table.itertuples(index=False)}
+    cell = {(r.model, r.metric): _fmt(r.mean, r.std, r.n, r.metric in COUNT_METRICS) for r in table.itertuples(index=False)}
     rows = [{"metric": m, "sample space": METRIC_SPACES.get(m, ""),
              **{mod: cell.get((mod, m), "—") for mod in models}} for m in metrics]
     return pd.DataFrame(rows)

@@ -104,7 +104,9 @@ def train_steps(net: torch.nn.Module, model: Any, opt: torch.optim.Optimizer, ba
 def measure(net: torch.nn.Module, model: Any, batches: list[dict], warmup: int, steps: int,
             amp: bool = False) -> float:
     """Samples/s of ``steps`` timed steps after ``warmup`` untimed ones."""
-    opt = torch.optim.Adam(model.parameters(), lr=model.cfg.lr, weight_decay=model.cfg.weight_decay)
+    from cvr_spark.train.loop import make_optimizer
+
+    opt = make_optimizer(model)  # the loop's optimiser
     net.train()
     train_steps(net, model, opt, batches, warmup, amp)
     sync = torch.cuda.synchronize if batches[0]["click"].is_cuda else (lambda: None)

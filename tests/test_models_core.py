@@ -242,3 +242,27 @@ def test_helper_batch_label_rates() -> None:
     assert 0.25 < conv[click == 1].mean().item() < 0.35
     assert (conv <= click).all()
     assert torch.equal(losses.ctnocvr_label(click, conv), click * (1 - conv))
+
+
+def test_fast_dropout_rate_scale_gradient_and_seed():
+    from cvr_spark.models.base import FastDropout
+
+    drop = FastDropout(0.3)
+    assert drop.threshold == 77 and drop.scale == pytest.approx(256 / 179)
+    x = torch.ones(400, 500, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    # drop rate 77/256 within 5 binomial standard errors; kept values scaled to stay unbiased
+    p = 77 / 256
+    assert abs((~kept).float().mean().item() - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 256 / 179))
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() * (256 / 179))  # d y / d x = mask * scale
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # seeded like every CPU draw
+    drop.eval()
+    assert drop(x) is x
+    assert FastDropout(0.0).train()(x) is x
+    with pytest.raises(ValueError, match="dropout rate"):
+        FastDropout(1.0)

@@ -35,6 +35,7 @@ from typing import ClassVar, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 Batch = Mapping[str, Tensor]
 
@@ -150,6 +151,39 @@ class EmbeddingArch(nn.Module):
         return x
 
 
+class FastDropout(nn.Module):
+    """Inverted dropout whose CPU mask comes from random bytes: ``keep = byte >= round(p * 256)``.
+
+    PyTorch's CPU dropout draws one Bernoulli variate per element (``bernoulli_``), which is
+    most of an ESMM training step on CPU (about 7 of 20 ms per 2000-row batch on 2 cores);
+    eight mask bytes per 64-bit draw make it about 5x cheaper. The drop rate is quantised to
+    1/256 (0.3 -> 77/256 = 0.3008) and the kept values are scaled by the exact 1 / (1 - p')
+    of that rate, so the layer stays unbiased. On CUDA, and in eval mode, it is ``F.dropout``.
+    Seeded by ``torch.manual_seed`` like every other CPU draw.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {p}")
+        self.p = float(p)
+        self.threshold = round(self.p * 256)  # drop when a uniform byte < threshold
+        self.scale = 256.0 / (256 - self.threshold)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.threshold == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)
+        n = x.numel()
+        words = torch.randint(-(2 ** 63), 2 ** 63 - 1, ((n + 7) // 8,), dtype=torch.int64)
+        keep = words.view(torch.uint8)[:n].view(x.shape) >= self.threshold
+        return x * (keep.to(x.dtype) * self.scale)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p} (as {self.threshold}/256)"
+
+
 class MLP(nn.Module):
     """Linear -> ReLU -> Dropout blocks (the AITM/CSTWA tower: 128-64-32, dropout .1/.3/.3).
 
@@ -181,7 +215,7 @@ class MLP(nn.Module):
                 layers.append(nn.BatchNorm1d(d))
             layers.append(nn.ReLU())
             if r > 0:
-                layers.append(nn.Dropout(r))
+                layers.append(FastDropout(r))
             width = d
         if out_dim is not None:
             layers.append(nn.Linear(width, out_dim))

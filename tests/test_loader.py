@@ -97,7 +97,7 @@ def epoch_ids(loader: FeatureLoader) -> list[int]:
 
 
 @pytest.mark.parametrize("fmt", ["delta", "parquet"])
-@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 24])  # 24 > row groups: sliced groups
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_shards_cover_split_once(tables, fmt, world_size, in_memory):
     data_dir, v1, _ = tables[fmt]
@@ -203,8 +203,13 @@ def test_assignment_balances_rows():
     assert [sum(g.num_rows for g in s) for s in shards] == [80, 75]
     assert sorted(g.index for s in shards for g in s) == list(range(6))
     assert batch_sizes(10, 3) == [4, 3, 3] and sum(batch_sizes(7, 7)) == 7
-    with pytest.raises(ValueError, match="row groups for 7 ranks"):
-        assign_row_groups(groups, 7)
+    # fewer groups than ranks: row ranges of the largest groups, still disjoint and complete
+    shards = assign_row_groups(groups, 8)
+    assert all(s for s in shards) and sum(g.num_rows for s in shards for g in s) == 155
+    rows = sorted((g.index, r) for s in shards for g in s for r in range(g.start, g.start + g.num_rows))
+    assert rows == [(i, r) for i, n in enumerate([50, 10, 30, 20, 40, 5]) for r in range(n)]
+    with pytest.raises(ValueError, match="3 rows in 1 non-empty row groups for 4 ranks"):
+        assign_row_groups([RowGroup("a", 0, 3)], 4)
 
 
 def test_bad_input_errors(tables, tmp_path):

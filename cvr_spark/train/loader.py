@@ -63,11 +63,31 @@ def load_manifest(data_dir: str | Path) -> dict:
 
 @dataclass(frozen=True)
 class RowGroup:
-    """One Parquet row group of the split: file, index inside the file, row count."""
+    """One Parquet row group of the split (file, index inside the file, row count), or the
+    rows ``[start, start + num_rows)`` of it when a small table has fewer groups than ranks."""
 
     path: str
     index: int
     num_rows: int
+    start: int = 0
+    sliced: bool = False
+
+
+def _even_ranges(groups: list[RowGroup], world_size: int) -> list[list[RowGroup]]:
+    """Rank r gets rows ``[r * N // W, (r + 1) * N // W)`` of the groups laid end to end, as
+    row ranges of the groups they fall in (for a small split, e.g. a validation split written
+    as one row group, that has fewer row groups than ranks)."""
+    total = sum(g.num_rows for g in groups)
+    bounds = [r * total // world_size for r in range(world_size + 1)]
+    owned: list[list[RowGroup]] = [[] for _ in range(world_size)]
+    first = 0  # row number of the current group's first row in the concatenation
+    for g in groups:
+        for r in range(world_size):
+            lo, hi = max(bounds[r], first), min(bounds[r + 1], first + g.num_rows)
+            if lo < hi:
+                owned[r].append(RowGroup(g.path, g.index, hi - lo, g.start + lo - first, True))
+        first += g.num_rows
+    return owned
 
 
 def _open_parquet(path: str) -> pq.ParquetFile:
@@ -129,13 +149,18 @@ def assign_row_groups(groups: list[RowGroup], world_size: int) -> list[list[RowG
 
     Deterministic for the same input on every rank; each rank's groups keep file order.
 
+    With fewer non-empty row groups than ranks, ranks get even row ranges instead.
+
     Raises:
-        ValueError: fewer non-empty row groups than ranks (a rank would get no rows).
+        ValueError: fewer rows than ranks (a rank would get no rows).
     """
     groups = [g for g in groups if g.num_rows > 0]
+    total = sum(g.num_rows for g in groups)
+    if total < world_size:
+        raise ValueError(f"{total} rows in {len(groups)} non-empty row groups for {world_size} ranks: "
+                         "every rank needs at least one row")
     if len(groups) < world_size:
-        raise ValueError(f"{len(groups)} non-empty row groups for {world_size} ranks: write the "
-                         "features table with more files or smaller row groups")
+        return _even_ranges(groups, world_size)
     order = sorted(range(len(groups)), key=lambda i: (-groups[i].num_rows, i))
     loads, owned = [0] * world_size, [[] for _ in range(world_size)]
     for i in order:
@@ -357,7 +382,11 @@ class FeatureLoader:
         wanted = ["sample_id", *self.spec.sparse_fields, *self.spec.multi_fields,
                   *self.spec.dense_fields, *LABELS, *KEYS]
         table = pf.read_row_group(g.index, columns=[c for c in wanted if c in present])
-        return Columns.from_arrow(table, self.spec, f"{g.path} (row group {g.index})")
+        where = f"{g.path} (row group {g.index})"
+        if g.sliced:
+            table = table.slice(g.start, g.num_rows)
+            where = f"{g.path} (row group {g.index}, rows {g.start}..{g.start + g.num_rows - 1})"
+        return Columns.from_arrow(table, self.spec, where)
 
     def _read(self, groups: list[RowGroup]) -> Columns:
         return Columns.concat([self._read_group(g) for g in groups])

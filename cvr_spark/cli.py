@@ -64,8 +64,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     for row in describe():
         opts = ", ".join(f"{k}={v}" for k, v in row["options"].items())
-        print(f"{row['name']:<14} {row['paper']}\n    outputs: {', '.join(row['outputs'])} "
-              f"(CVR: {row['cvr_output']}, CTCVR: {row['ctcvr_output']})\n    options: {opts}")
+        print(f"{row['name']:<14} | {row['paper']} | outputs: {', '.join(row['outputs'])} "
+              f"(CVR: {row['cvr_output']}, CTCVR: {row['ctcvr_output']}) | options: {opts}")
     return 0
 
 

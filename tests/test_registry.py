@@ -46,5 +46,9 @@ def test_every_model_trains_one_step(name, preset):
 def test_models_command_prints_one_entry_per_name(capsys):
     assert main(["models"]) == 0
     text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert len(lines) == len(registry.names()) >= len(EXPECTED)  # one line per name (+ the graph job's ctr)
     for name in EXPECTED:
-        assert any(line.startswith(name + " ") for line in text.splitlines()), name
+        (line,) = [ln for ln in lines if ln.startswith(name + " ")]
+        _, paper, outputs, options = (part.strip() for part in line.split(" | "))
+        assert paper and "p_ctr" in outputs and "CVR: " in outputs and options.startswith("options: ")

@@ -108,6 +108,8 @@ class SourceLike(Protocol):
     fields: list[FieldInfo]
     dense_fields: list[str]
     source_files: dict[str, list[str]]
+    # Optional: the frame the ones above derive from; persisted first when present.
+    parsed: Optional[DataFrame]
 
     def input_rows(self) -> dict[str, int]: ...
 
@@ -172,22 +174,26 @@ def vocab_sizes(vocab: DataFrame, fields: Sequence[FieldInfo]) -> dict[str, int]
 
 
 def _quote(name: str) -> str:
+    """``name`` as a column reference (backticks: field names such as ``109_14`` or ``a.b``)."""
     return "`" + name.replace("`", "``") + "`"
 
 
 def _encode_singles(df: DataFrame, vocab: DataFrame, names: list[str], broadcast: list[str]) -> DataFrame:
-    """All single-valued fields in one SQL statement of left joins (analysed once, not once per
-    join as chained DataFrame joins would be); ``broadcast`` names the fields hinted BROADCAST."""
-    frames = {"src": df}
-    joins, index = [], {}
+    """All single-valued fields by one left join each; ``broadcast`` names the fields whose
+    vocabulary is hinted BROADCAST.
+
+    DataFrame joins, not one SQL statement over ``df``: ``spark.sql`` re-analyses its frame
+    arguments, and the re-analysed plan no longer matches a persisted ``df`` (the canonical
+    frame), so the whole input would be re-read and re-parsed for the encoding.
+    """
+    columns, index = df.columns, {}
     for i, n in enumerate(names):
-        frames[f"v{i}"] = vocab.where(F.col("field") == n).select("raw_id", "index")
-        joins.append(f"LEFT JOIN {{v{i}}} AS v{i} ON CAST(s.{_quote(n)} AS STRING) = v{i}.raw_id")
-        index[n] = f"CAST(COALESCE(v{i}.index, 0) AS INT) AS {_quote(n)}"
-    cols = ", ".join(index.get(c, f"s.{_quote(c)}") for c in df.columns)
-    hinted = [f"v{i}" for i, n in enumerate(names) if n in broadcast]
-    hint = f"/*+ BROADCAST({', '.join(hinted)}) */ " if hinted else ""
-    return df.sparkSession.sql(f"SELECT {hint}{cols} FROM {{src}} AS s " + " ".join(joins), **frames)
+        v = vocab.where(F.col("field") == n).select(F.col("raw_id").alias(f"_vr{i}"),
+                                                     F.col("index").alias(f"_vi{i}"))
+        df = df.join(F.broadcast(v) if n in broadcast else v,
+                     F.col(_quote(n)).cast("string") == F.col(f"_vr{i}"), "left")
+        index[n] = F.coalesce(F.col(f"_vi{i}"), F.lit(0)).cast("int").alias(n)
+    return df.select(*[index.get(c, F.col(_quote(c))) for c in columns])
 
 
 def _encode_multi(df: DataFrame, vocab: DataFrame, names: list[str], broadcast: bool) -> DataFrame:
@@ -433,6 +439,9 @@ def build_features(cfg: FeaturesConfig, data: SourceLike) -> dict:
     cfg.check()
     held: list[DataFrame] = []
     try:
+        parsed = getattr(data, "parsed", None)
+        if parsed is not None:  # parse the input once for rejects, canonical frame and ids
+            parsed = _persist(parsed, held)
         rejects = _persist(data.rejects, held)
         reject_counts = {(r[INPUT_SPLIT], r["reason"]): int(r["count"])
                          for r in rejects.groupBy(INPUT_SPLIT, "reason").count().collect()}
@@ -440,7 +449,9 @@ def build_features(cfg: FeaturesConfig, data: SourceLike) -> dict:
         check_reject_bound(rows_in, _sum_by(reject_counts, 1), cfg.max_reject_fraction)
         canonical, table, vocab, sizes, split_info = _feature_table(cfg, data, held)
         stats = split_stats(table)
-        canonical.unpersist()  # the features frame is materialised; writes read it
+        for df in (canonical, parsed):  # the features and rejects frames are materialised
+            if df is not None:
+                df.unpersist()
         if not any(src == "train" for src, _ in stats):
             raise ValueError(f"the train input of {cfg.source} '{cfg.input}' has no valid rows")
         by_input = _sum_by({k: s["rows"] for k, s in stats.items()}, 0)

@@ -68,6 +68,10 @@ class SourceData:
     dense_fields: list[str]
     source_files: dict[str, list[str]]
     data_lines: Optional[DataFrame] = field(default=None, repr=False)  # one row per data line
+    # The parsed lines of every split (one row per data line, with ``input_split``): the
+    # frames above all derive from it, so persisting it parses the input once, not once per
+    # frame (and per self-join) that reads it.
+    parsed: Optional[DataFrame] = field(default=None, repr=False)
 
     def input_rows(self) -> dict[str, int]:
         """Data lines read per input split (headers excluded), counted on the raw lines."""
@@ -202,14 +206,23 @@ def _resolve_files(spark: SparkSession, source: str, input: str,
 # ---------------------------------------------------------------- assembly
 
 
-def _with_sample_id(df: DataFrame, split: str, raw_ids: bool) -> DataFrame:
-    """Add ``sample_id`` (see module doc) and the id rejects of raw-id sources."""
+def _generated_ids(df: DataFrame, split: str) -> DataFrame:
+    """``sample_id`` of sources without usable ids: ``monotonically_increasing_id`` + the split
+    offset, taken on the split's own frame (its partitions number the ids)."""
     offset = F.lit(SAMPLE_ID_OFFSET[split]).cast("long")
-    if not raw_ids:
-        return df.withColumn("sample_id", F.monotonically_increasing_id() + offset)
+    return df.withColumn("sample_id", F.monotonically_increasing_id() + offset)
+
+
+def _raw_sample_ids(df: DataFrame, split: str) -> DataFrame:
+    """``sample_id`` of raw-id sources (the raw id + the split offset) and their id rejects.
+
+    The duplicated ids are broadcast to the join: every row that carries one is rejected, so
+    they are few in any input that passes the reject bound, and the rows are not shuffled.
+    """
+    offset = F.lit(SAMPLE_ID_OFFSET[split]).cast("long")
     dups = (df.filter(F.col("_raw_id").isNotNull()).groupBy("_raw_id").count()
             .filter(F.col("count") > 1).select("_raw_id", F.lit(True).alias("_dup")))
-    df = df.join(dups, on="_raw_id", how="left")
+    df = df.join(F.broadcast(dups), on="_raw_id", how="left")
     reason = F.coalesce(F.col("_reason"), aliccp_raw.first_reason([
         (F.col("_raw_id") >= F.lit(1 << SAMPLE_ID_BITS), "bad_sample_id"),
         (F.col("_dup").isNotNull(), "duplicate_sample_id")]))
@@ -226,22 +239,32 @@ def _canonical(df: DataFrame, fields: list[FieldInfo], dense: list[str]) -> Data
 def _assemble(parsed: dict[str, list[DataFrame]], lines: dict[str, list[DataFrame]],
               files: dict[str, list[str]], fields: list[FieldInfo], dense: list[str],
               raw_ids: bool) -> SourceData:
-    """Per-split parsed frames (one row per data line) -> :class:`SourceData`."""
-    frames, rejects, counted = {}, [], []
-    for split in SPLITS:
-        if split not in parsed:
-            continue
-        df = _with_sample_id(reduce(DataFrame.unionByName, parsed[split]), split, raw_ids)
+    """Per-split parsed frames (one row per data line) -> :class:`SourceData`.
+
+    All splits meet in one frame (``SourceData.parsed``) that the canonical frames and the
+    rejects are filtered from, so that one persisted frame serves them all.
+    """
+    splits = [s for s in SPLITS if s in parsed]
+    per_split = {s: reduce(DataFrame.unionByName, parsed[s]) for s in splits}
+    if not raw_ids:
+        per_split = {s: _generated_ids(df, s) for s, df in per_split.items()}
+    rows = reduce(DataFrame.unionByName, [df.withColumn("input_split", F.lit(s))
+                                          for s, df in per_split.items()])
+    frames, rejects = {}, []
+    for split in splits:
+        df = rows.filter(F.col("input_split") == split)
+        if raw_ids:
+            df = _raw_sample_ids(df, split)
         frames[split] = _canonical(df, fields, dense)
         rejects.append(df.filter(F.col("_reason").isNotNull()).select(
             F.col("_source_file").alias("source_file"), F.col("_line").alias("line"),
             F.col("_reason").alias("reason"), F.lit(split).alias("input_split")))
-        counted += [d.select(F.lit(split).alias("input_split")) for d in lines[split]]
+    counted = [d.select(F.lit(s).alias("input_split")) for s in splits for d in lines[s]]
     return SourceData(
         train=frames["train"], valid=frames.get("valid"), test=frames.get("test"),
         rejects=reduce(DataFrame.unionByName, rejects), fields=fields, dense_fields=dense,
         source_files={s: files[s] for s in SPLITS if s in files},
-        data_lines=reduce(DataFrame.unionByName, counted))
+        data_lines=reduce(DataFrame.unionByName, counted), parsed=rows)
 
 
 # ---------------------------------------------------------------- raw Ali-CCP

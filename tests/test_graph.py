@@ -283,3 +283,38 @@ def test_cli_flags_and_overrides():
     assert graph_job.config_from_args(args).graph.ctr_checkpoint == ""
     with pytest.raises(SystemExit):
         parser.parse_args(["--pretrain", "--ctr-checkpoint", "x"])
+
+
+def test_experiment_pins_the_graph_version_for_training_and_evaluation(built, tmp_path):
+    """run_train -> CSTWA reads the graph job's output; the run records the version it read."""
+    from cvr_spark.train.experiment import evaluate_run, run_train
+
+    import shutil
+
+    from deltalake import DeltaTable
+
+    cfg = built["cfg"]
+    current = read_manifest(cfg.output)["current"]
+    # run_train evaluates on test: a copy of the features with the valid rows also as test
+    data = tmp_path / "data"
+    shutil.copytree(cfg.data, data)
+    valid = DeltaTable(str(data / "features")).to_pyarrow_table(filters=[("split", "=", "valid")])
+    test = valid.set_column(valid.schema.get_field_index("split"), "split",
+                            pa.array(["test"] * valid.num_rows))
+    write_deltalake(str(data / "features"), test, partition_by=["split"], mode="append")
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["tables"]["features"]["version"] = 1
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FileNotFoundError, match="no graph published"):
+        run_train(data, ["cstwa"], [1], "fast", 1, 1, tmp_path / "none", use_gpu=False,
+                  graph_dir=tmp_path / "empty")
+    overrides = ["train.progress=false", "train.num_threads=1", "model.batch_size=128"]
+    result = run_train(data, ["cstwa"], [1], "fast", 1, 1, tmp_path / "runs", overrides,
+                       use_gpu=False, graph_dir=cfg.output)
+    run_dir = Path(result["runs"][0]["run_dir"])
+    job = json.loads((run_dir / "config.json").read_text())["job"]
+    assert job["graph_dir"] == str(Path(cfg.output).resolve()) and job["graph_version"] == current
+    assert 0 <= result["runs"][0]["metrics"]["ctr_auc"] <= 1
+    # evaluation of the same run reads the same pinned graphs: same metrics
+    again = evaluate_run(run_dir, data, "test", device="cpu")
+    assert again["metrics"]["ctr_auc"] == pytest.approx(result["runs"][0]["metrics"]["ctr_auc"], abs=1e-12)

@@ -208,16 +208,17 @@ def scoring_payload(run_dir: str | Path) -> dict:
     buf = io.BytesIO()
     torch.save(dict(weights), buf)
     digest = hashlib.sha256(buf.getvalue())
-    digest.update(json.dumps([meta["model_name"], meta["model_options"], meta["spec"]], default=str).encode())
+    job = meta.get("job") or {}
+    digest.update(json.dumps([meta["model_name"], meta["model_options"], meta["spec"],
+                              job.get("graph_dir"), job.get("graph_version")], default=str).encode())
     cls = registry.get(meta["model_name"])
     outputs = list(dict.fromkeys([*OUTPUT_COLUMNS, cls.cvr_output, cls.ctcvr_output]))
     return {"model_name": meta["model_name"], "model_options": dict(meta["model_options"]),
             "spec": dict(meta["spec"]), "outputs": outputs, "weights": buf.getvalue(),
-            "seed": (meta.get("job") or {}).get("seed"), "key": digest.hexdigest(),
+            "seed": job.get("seed"), "key": digest.hexdigest(),
             # Graph models (CSTWA's Structure Migrator) read the run's pinned graph version on the
             # executors (graphs are not in checkpoints): the folder must be shared storage there.
-            "graph_dir": (meta.get("job") or {}).get("graph_dir"),
-            "graph_version": (meta.get("job") or {}).get("graph_version")}
+            "graph_dir": job.get("graph_dir"), "graph_version": job.get("graph_version")}
 
 
 def build_model(payload: Mapping[str, Any], device: str = "cpu") -> Any:

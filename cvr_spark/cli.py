@@ -150,8 +150,8 @@ def _add_train_commands(sub) -> None:
 
 
 def _add_graph_and_score_commands(sub) -> None:
-    from cvr_spark.graph.job import add_graph_arguments
-    from cvr_spark.score import add_score_arguments
+    from cvr_spark.graph.job import add_graph_arguments, cmd_graph
+    from cvr_spark.score import add_score_arguments, cmd_score
 
     p = sub.add_parser("graph", help="pre-trained CTR embeddings -> FAISS user/item graphs for CSTWA")
     add_graph_arguments(p)
@@ -184,21 +184,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     print(json.dumps(run_evaluate(args.run, args.data, args.split), indent=2, default=str))
     return 0
-
-
-def cmd_graph(args: argparse.Namespace) -> int:
-    from cvr_spark.graph.job import config_from_args, run_graph
-    from cvr_spark.spark import get_spark
-
-    cfg = config_from_args(args)
-    print(json.dumps(run_graph(get_spark(cfg.spark), cfg.graph), indent=2, default=str))
-    return 0
-
-
-def cmd_score(args: argparse.Namespace) -> int:
-    from cvr_spark.score import cmd_score as score
-
-    return score(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

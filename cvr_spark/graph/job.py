@@ -218,20 +218,29 @@ def config_from_args(args: argparse.Namespace) -> GraphJobConfig:
     return load_config(args.config, flags + list(args.overrides), schema=GraphJobConfig)
 
 
+def cmd_graph(args: argparse.Namespace) -> int:
+    """Run the graph job per parsed arguments (``cvr-spark graph``); prints the entry as JSON.
+
+    Raises:
+        cvr_spark.config.ConfigError: unknown key or bad value (names it).
+    """
+    from cvr_spark.spark import get_spark
+
+    cfg = config_from_args(args)
+    print(json.dumps(run_graph(get_spark(cfg.spark), cfg.graph), indent=2, default=str))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``build_graph`` entry point: parse, start / reuse Spark, run, print the entry as JSON."""
     from cvr_spark.config import ConfigError
-    from cvr_spark.spark import get_spark
 
     parser = argparse.ArgumentParser(prog="build_graph", description=__doc__.splitlines()[0])
     add_graph_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = config_from_args(args)
+        return cmd_graph(args)
     except ConfigError as e:
         print(f"build_graph: config error: {e}", file=sys.stderr)
         return 2
-    entry = run_graph(get_spark(cfg.spark), cfg.graph)
-    print(json.dumps(entry, indent=2, default=str))
-    return 0

@@ -43,6 +43,12 @@ class SparkConfig:
     jars_cache: str = "~/.cache/cvr-spark/jars"
     ui: bool = False
     log_level: str = "WARN"
+    # JVM options of the local driver (in local mode also the executor). HotSpot never JIT-
+    # compiles a method over 8000 bytecodes; Spark's whole-stage codegen makes such methods for
+    # wide projections (the raw Ali-CCP parse: 18 fields + the common-feature join), which then
+    # run in the bytecode interpreter: 2.5x slower parse measured. Clusters: set the same in
+    # spark.driver/executor.extraJavaOptions (README, databricks.yml).
+    jvm_options: str = "-XX:-DontCompileHugeMethods"
     extra_conf: dict[str, str] = field(default_factory=dict)
 
 

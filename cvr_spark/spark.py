@@ -113,6 +113,7 @@ def get_spark(cfg: SparkConfig | None = None):
         builder = (
             builder.master(cfg.master)
             .config("spark.driver.memory", cfg.driver_memory)
+            .config("spark.driver.extraJavaOptions", cfg.jvm_options)
             .config("spark.ui.enabled", str(cfg.ui).lower())
             .config("spark.sql.extensions", DELTA_EXTENSION)
             .config("spark.sql.catalog.spark_catalog", DELTA_CATALOG)

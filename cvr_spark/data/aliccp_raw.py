@@ -104,11 +104,44 @@ def _raw_tokens(feature_list: Column) -> Column:
         F.split(feature_list, FEATURE_SEP, -1))
 
 
-def _raw_pairs(tokens: Column) -> Column:
-    """array<struct<field, fid>> of well-formed raw feature tokens."""
-    return F.transform(tokens, lambda t: F.struct(
-        F.substring_index(t, ID_SEP, 1).alias("field"),
-        F.substring_index(F.substring_index(t, ID_SEP, -1), VALUE_SEP, 1).alias("fid")))
+def _raw_names(feature_list: Column) -> Column:
+    """The field name of every feature of a list, in list order (aligned with :func:`_raw_tokens`).
+
+    One regex replace over the line (drop each ``\\x02feature_id\\x03value``) and a split:
+    several times cheaper than a lambda per token (higher-order functions are not compiled by
+    whole-stage codegen).
+    """
+    return _raw_tokens(F.regexp_replace(feature_list, f"{ID_SEP}[^{FEATURE_SEP}]*", ""))
+
+
+def _raw_fid(token: Column) -> Column:
+    """``feature_id`` of a ``field\\x02feature_id\\x03value`` token."""
+    return F.substring_index(F.substring_index(token, ID_SEP, -1), VALUE_SEP, 1)
+
+
+def raw_field_columns(tokens: str, names: str, fields: Sequence[FieldInfo], prefix: str = "") -> list[Column]:
+    """One column per field from a list's tokens and their field names (columns ``tokens``, ``names``).
+
+    A single-valued field is looked up with ``array_position`` (compiled, first occurrence,
+    null when absent); a multi-valued field keeps every occurrence in list order (a filter
+    lambda, used only for the multi-valued fields; empty array when absent).
+    """
+    cols = []
+    for info in fields:
+        if info.multi:
+            hits = F.filter(tokens, lambda t: F.substring_index(t, ID_SEP, 1) == F.lit(info.name))
+            cols.append(F.transform(hits, _raw_fid).alias(prefix + info.name))
+        else:
+            pos = (F.array_position(F.col(names), F.lit(info.name)) - 1).cast("int")
+            cols.append(_raw_fid(F.get(F.col(tokens), pos)).alias(prefix + info.name))
+    return cols
+
+
+def _raw_list_ok(feature_list: Column) -> Column:
+    """The whole list is well formed (empty, or tokens matching :data:`RAW_FEATURE_RE`):
+    one regex over the line instead of one per token."""
+    token = RAW_FEATURE_RE[1:-1]
+    return feature_list.rlike(f"^(?:{token}(?:{FEATURE_SEP}{token})*)?$")
 
 
 def _malformed(tokens: Column, pattern: str) -> Column:
@@ -129,35 +162,33 @@ def read_common(spark: SparkSession, path: str, fields: Sequence[FieldInfo]) -> 
     tokens = barrier(_split_lines(spark, path).select(
         F.get(parts, 0).alias("_key"), F.size(parts).alias("_ncols"),
         F.get(parts, 1).try_cast("int").alias("_count"),
-        _raw_tokens(F.get(parts, 2)).alias("_tokens")))
-    bad = (F.col("_ncols") != 3) | (F.col("_count") != F.size("_tokens")) | \
-        _malformed(F.col("_tokens"), RAW_FEATURE_RE)
-    parsed = tokens.select(
-        "_key", F.coalesce(bad, F.lit(True)).cast("int").alias("_bad"),
-        _raw_pairs(F.col("_tokens")).alias("_pairs"))
-    parsed = parsed.select("_key", "_bad", *field_columns("_pairs", fields, "_c_"))
+        _raw_list_ok(F.get(parts, 2)).alias("_ok"),
+        _raw_tokens(F.get(parts, 2)).alias("_tokens"), _raw_names(F.get(parts, 2)).alias("_names")))
+    bad = (F.col("_ncols") != 3) | (F.col("_count") != F.size("_tokens")) | ~F.col("_ok")
+    parsed = tokens.select("_key", F.coalesce(bad, F.lit(True)).cast("int").alias("_bad"),
+                           *raw_field_columns("_tokens", "_names", fields, "_c_"))
     return parsed.groupBy("_key").agg(
         F.count(F.lit(1)).alias("_n"), F.max("_bad").alias("_bad"),
         *[F.first("_c_" + f.name).alias("_c_" + f.name) for f in fields])
 
 
 def read_skeleton(spark: SparkSession, path: str, common: DataFrame,
-                  fields: Sequence[FieldInfo]) -> DataFrame:
-    """Parsed skeleton rows of one file joined (left) with their common features."""
+                  fields: Sequence[FieldInfo], broadcast_common: bool = False) -> DataFrame:
+    """Parsed skeleton rows of one file joined (left) with their common features
+    (``broadcast_common``: hint the common table BROADCAST, for a small common file)."""
     parts = F.col("_parts")
     tokens = barrier(_split_lines(spark, path).select(
         "_source_file", "_line", F.size(parts).alias("_ncols"),
         F.get(parts, 0).try_cast("long").alias("_raw_id"),
         F.get(parts, 1).alias("click"), F.get(parts, 2).alias("conversion"),
         F.get(parts, 3).alias("_key"), F.get(parts, 4).try_cast("int").alias("_count"),
-        _raw_tokens(F.get(parts, 5)).alias("_tokens")))
+        _raw_list_ok(F.get(parts, 5)).alias("_ok"),
+        _raw_tokens(F.get(parts, 5)).alias("_tokens"), _raw_names(F.get(parts, 5)).alias("_names")))
     base = tokens.select(
         "_source_file", "_line", "_ncols", "_raw_id", "click", "conversion", "_key",
-        (F.col("_count") != F.size("_tokens")).alias("_count_bad"),
-        _malformed(F.col("_tokens"), RAW_FEATURE_RE).alias("_feat_bad"),
-        _raw_pairs(F.col("_tokens")).alias("_pairs"))
-    base = base.select("*", *field_columns("_pairs", fields, "_s_")).drop("_pairs")
-    joined = base.join(common, on="_key", how="left")
+        (F.col("_count") != F.size("_tokens")).alias("_count_bad"), (~F.col("_ok")).alias("_feat_bad"),
+        *raw_field_columns("_tokens", "_names", fields, "_s_"))
+    joined = base.join(F.broadcast(common) if broadcast_common else common, on="_key", how="left")
     bad_label, no_click = label_checks(F.col("click"), F.col("conversion"))
     reason = first_reason([
         (F.col("_ncols") != 6, "bad_column_count"),

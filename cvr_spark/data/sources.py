@@ -117,6 +117,10 @@ SPLIT_PATTERNS = {
     "paddle-joined": {"train": r"train.*", "test": r"test.*"},
     "aliexpress-csv": {"train": r".*train.*\.csv", "test": r".*test.*\.csv"},
 }
+# A raw common-features file up to this size is joined by broadcast (its parsed, per-key
+# table is a fraction of the text: only the preset's fields are kept), which spares the
+# shuffle of every skeleton row; a larger one is left to Spark (sort-merge join or AQE).
+BROADCAST_COMMON_MAX_BYTES = 256 * 2**20
 RAW_FILES = {split: (f"sample_skeleton_{split}.csv", f"common_features_{split}.csv")
              for split in ("train", "test")}
 
@@ -166,6 +170,12 @@ def _exists(spark: SparkSession, path: str) -> bool:
 def _is_dir(spark: SparkSession, path: str) -> bool:
     fs, jpath = _hadoop_fs(spark, path)
     return bool(fs.exists(jpath) and fs.getFileStatus(jpath).isDirectory())
+
+
+def _size(spark: SparkSession, path: str) -> int:
+    """Bytes of a file (of every file below it for a folder)."""
+    fs, jpath = _hadoop_fs(spark, path)
+    return int(fs.getContentSummary(jpath).getLength())
 
 
 def _list_files(spark: SparkSession, folder: str) -> list[str]:
@@ -285,8 +295,9 @@ def _read_aliccp_raw(spark: SparkSession, input: str, fields: list[FieldInfo],
             _require(spark, skeleton, "aliccp-raw skeleton file")
             _require(spark, common, f"aliccp-raw common-features file (for {skeleton})")
             files[split] = [skeleton, common]
-    parsed = {s: [aliccp_raw.read_skeleton(spark, f[0], aliccp_raw.read_common(spark, f[1], fields),
-                                           fields)] for s, f in files.items()}
+    parsed = {s: [aliccp_raw.read_skeleton(
+        spark, f[0], aliccp_raw.read_common(spark, f[1], fields), fields,
+        broadcast_common=_size(spark, f[1]) <= BROADCAST_COMMON_MAX_BYTES)] for s, f in files.items()}
     lines = {s: [spark.read.text(f[0])] for s, f in files.items()}
     return _assemble(parsed, lines, files, fields, [], raw_ids=True)
 

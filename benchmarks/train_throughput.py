@@ -101,12 +101,24 @@ def train_steps(net: torch.nn.Module, model: Any, opt: torch.optim.Optimizer, ba
         model.on_train_batch_end(batch, out)
 
 
-def measure(net: torch.nn.Module, model: Any, batches: list[dict], warmup: int, steps: int,
-            amp: bool = False) -> float:
-    """Samples/s of ``steps`` timed steps after ``warmup`` untimed ones."""
-    from cvr_spark.train.loop import make_optimizer
+def prepare(model: Any, device: str, embedding_optimizer: str | None, ddp: bool = False) -> tuple:
+    """What the training loop does before its first step (``cvr_spark.train.loop._Trainer``):
+    the CPU allocator setting, the optimiser, and the DDP wrapper (row-wise embedding tables
+    kept out of DDP's all-reduce). Returns (net, optimiser)."""
+    from cvr_spark.train.cpu import tune_malloc
+    from cvr_spark.train.loop import TrainConfig, make_optimizer, wrap_ddp
 
-    opt = make_optimizer(model)  # the loop's optimiser
+    cfg = TrainConfig()
+    if device == "cpu" and cfg.tune_malloc:
+        tune_malloc()
+    opt = make_optimizer(model, embedding_optimizer)  # the loop's optimiser
+    net = wrap_ddp(model, opt, torch.device(device), cfg.find_unused_parameters) if ddp else model
+    return net, opt
+
+
+def measure(net: torch.nn.Module, model: Any, opt: torch.optim.Optimizer, batches: list[dict], warmup: int,
+            steps: int, amp: bool = False) -> float:
+    """Samples/s of ``steps`` timed steps after ``warmup`` untimed ones."""
     net.train()
     train_steps(net, model, opt, batches, warmup, amp)
     sync = torch.cuda.synchronize if batches[0]["click"].is_cuda else (lambda: None)
@@ -117,30 +129,31 @@ def measure(net: torch.nn.Module, model: Any, batches: list[dict], warmup: int, 
     return steps * batches[0]["click"].shape[0] / (time.perf_counter() - t0)
 
 
+def embedding_optimizer(model: Any, args: argparse.Namespace) -> str:
+    return args.embedding_optimizer or model.cfg.embedding_optimizer
+
+
 def bench_single(name: str, device: str, threads: int, args: argparse.Namespace, amp: bool = False) -> dict:
     torch.set_num_threads(threads)
     model = build_model(name, device)
     batches = make_batches(model.spec, 8, args.batch_size, device)
-    rate = measure(model, model, batches, args.warmup, args.steps, amp)
-    return {"model": name, "setting": f"{device}{'-bf16' if amp else ''}", "threads": threads,
-            "processes": 1, "samples_per_s": rate}
+    net, opt = prepare(model, device, args.embedding_optimizer)
+    rate = measure(net, model, opt, batches, args.warmup, args.steps, amp)
+    return {"model": name, "setting": f"{device}{'-bf16' if amp else ''}", "threads": threads, "processes": 1,
+            "embedding_optimizer": embedding_optimizer(model, args), "samples_per_s": rate}
 
 
 def _ddp_rank(rank: int, world: int, name: str, port: int, args: argparse.Namespace, queue: Any) -> None:
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    from cvr_spark.train.loop import TrainConfig
-
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = build_model(name, "cpu")
-        net = DistributedDataParallel(model, find_unused_parameters=TrainConfig().find_unused_parameters)
+        net, opt = prepare(model, "cpu", args.embedding_optimizer, ddp=True)
         batches = make_batches(model.spec, 8, args.batch_size, "cpu", seed=rank)
-        rate = measure(net, model, batches, args.warmup, args.steps)
-        queue.put((rank, rate))
+        rate = measure(net, model, opt, batches, args.warmup, args.steps)
+        queue.put((rank, rate, embedding_optimizer(model, args)))
     finally:
         dist.destroy_process_group()
 
@@ -155,9 +168,11 @@ def bench_ddp(name: str, args: argparse.Namespace, world: int = 2) -> dict:
     queue = ctx.SimpleQueue()
     mp.start_processes(_ddp_rank, args=(world, name, port, args, queue), nprocs=world, join=True,
                        start_method="spawn")
-    rates = dict(queue.get() for _ in range(world))
+    got = [queue.get() for _ in range(world)]
+    rates = {rank: rate for rank, rate, _ in got}
     return {"model": name, "setting": "ddp-gloo-cpu", "threads": 1, "processes": world,
-            "samples_per_s": sum(rates.values()), "per_rank": [rates[r] for r in range(world)]}
+            "embedding_optimizer": got[0][2], "samples_per_s": sum(rates.values()),
+            "per_rank": [rates[r] for r in range(world)]}
 
 
 def main() -> None:
@@ -170,6 +185,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--settings", default="cpu,cuda,ddp", help="subset of cpu, cuda, ddp")
+    p.add_argument("--embedding-optimizer", default=None, choices=("lazy_adam", "adam"),
+                   help="override the presets' model.embedding_optimizer (default: the preset's)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -187,7 +204,8 @@ def main() -> None:
             rows.append(bench_ddp(name, args))
         for r in rows:
             if r["model"] == name:
-                print(f"{name:<8} {r['setting']:<14} threads={r['threads']} processes={r['processes']}: "
+                print(f"{name:<8} {r['setting']:<14} threads={r['threads']} processes={r['processes']} "
+                      f"embeddings={r['embedding_optimizer']}: "
                       f"{r['samples_per_s']:>12,.0f} samples/s", flush=True)
     esmm_cpu = next((r["samples_per_s"] for r in rows if r["model"] == "esmm" and r["setting"] == "cpu"), None)
     if esmm_cpu is not None:

@@ -32,6 +32,8 @@ from torch import Tensor, nn
 
 from cvr_spark.models.base import CVRModel
 from cvr_spark.train import checkpoint as ckpt
+from cvr_spark.train.cpu import tune_malloc
+from cvr_spark.train.optim import make_optimizer, prepare_ddp  # noqa: F401 (make_optimizer: the loop's optimiser)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,9 @@ class TrainConfig:
     in_memory: bool = True
     progress: bool = True
     find_unused_parameters: bool = True
+    # CPU training: raise glibc malloc's mmap/trim thresholds so that activation-sized tensors
+    # reuse heap memory instead of page-faulting fresh mmap'd pages (cvr_spark.train.cpu).
+    tune_malloc: bool = True
     metric_names: list[str] = field(default_factory=list)  # filled from early_stop_metric
 
     def __post_init__(self) -> None:
@@ -90,17 +95,16 @@ class TrainConfig:
             raise ValueError(f"train.early_stop_mode must be max, min or auto, got {self.early_stop_mode!r}")
 
 
-def make_optimizer(model: Any) -> torch.optim.Optimizer:
-    """Adam with the model's ``lr`` and ``weight_decay`` (the papers' optimiser), using PyTorch's
-    fused kernel where the parameters' device has one (CUDA; CPU since torch 2.4): the same
-    update in one pass instead of a Python loop of small ops per tensor. On 2 CPU cores it cuts
-    the optimiser step of the ESMM paper preset (5.6M parameters) from about 27 to 3 ms.
-    """
-    kw = dict(lr=model.cfg.lr, weight_decay=model.cfg.weight_decay)
-    try:
-        return torch.optim.Adam(model.parameters(), fused=True, **kw)
-    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device / dtype
-        return torch.optim.Adam(model.parameters(), **kw)
+def wrap_ddp(module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+             find_unused_parameters: bool = True) -> nn.Module:
+    """``module`` in DistributedDataParallel, with ``optimizer``'s row-wise embedding tables kept
+    out of DDP's dense all-reduce (the optimiser all-reduces their looked-up rows; see
+    :func:`cvr_spark.train.optim.prepare_ddp`). The process group must be initialised."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    prepare_ddp(module, optimizer)
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -257,6 +261,8 @@ class _Trainer:
         self.device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", rank)))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        elif cfg.tune_malloc:
+            tune_malloc()
         self.amp = cfg.amp and self.device.type == "cuda"
         if cfg.amp and not self.amp:
             log.warning("train.amp=true ignored: mixed precision is used on CUDA devices only")
@@ -264,7 +270,13 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp and cfg.amp_dtype == "float16" else None
         ckpt.seed_everything(cfg.seed + rank)  # dropout differs per rank; weights come from rank 0
         model.to(self.device)
-        self.optimizer = make_optimizer(model)
+        choice = None
+        if self.scaler is not None and getattr(model.cfg, "embedding_optimizer", "adam") != "adam":
+            log.warning("model.embedding_optimizer=%s: float16 AMP's gradient scaler unscales dense "
+                        "gradients only, so the embedding tables use dense Adam in this run",
+                        model.cfg.embedding_optimizer)
+            choice = "adam"
+        self.optimizer = make_optimizer(model, choice)
         self.state, self.best_weights = LoopState(), None
         self.table_versions = {name: getattr(ld, "table_version", None)
                                for name, ld in (("train", train_loader), ("valid", valid_loader))}
@@ -275,11 +287,7 @@ class _Trainer:
     def _wrap(self) -> nn.Module:
         if self.world_size == 1:
             return self.module
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(self.module, device_ids=ids,
-                                       find_unused_parameters=self.cfg.find_unused_parameters)
+        return wrap_ddp(self.module, self.optimizer, self.device, self.cfg.find_unused_parameters)
 
     def _resume(self) -> None:
         state = ckpt.load_checkpoint(self.path, map_location="cpu")

@@ -102,3 +102,72 @@ def test_train_distributed_rejects_bad_jobs(tmp_path):
         train_distributed({**job, "model_options": {"spec": FeatureSpec(("a",), (2,))}}, 2, use_gpu=False)
     with pytest.raises(ValueError, match=r"lacks key\(s\) \['seed'\]"):
         train_distributed({k: v for k, v in job.items() if k != "seed"}, 2, use_gpu=False)
+
+
+def _lazy_rank(rank: int, world_size: int, port: int, out: str) -> None:
+    """Two ranks, each half of every batch, lazy embedding Adam through the loop's DDP wrapper."""
+    import torch.distributed as dist
+
+    from cvr_spark.train.loop import wrap_ddp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(100 + rank)  # different initial weights: DDP and prepare_ddp copy rank 0's
+        model, opt = _lazy_model()
+        net = wrap_ddp(model, opt, torch.device("cpu"))
+        assert "emb.table.weight" in model._ddp_params_and_buffers_to_ignore
+        for batch, c in _lazy_batches():
+            half = slice(rank * 3, rank * 3 + 3)  # rank 0 reads rows the other rank does not
+            opt.zero_grad()
+            net({"sparse": batch["sparse"][half]}, c[half]).backward()
+            opt.step()
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, Path(out) / f"lazy{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+class _EmbHead(torch.nn.Module):
+    def __init__(self) -> None:
+        from cvr_spark.models.base import EmbeddingArch, FeatureSpec
+
+        super().__init__()
+        self.emb = EmbeddingArch(FeatureSpec(("a", "b"), (40, 30)), 3)
+        self.head = torch.nn.Linear(6, 1)
+
+    def forward(self, batch, c):
+        x = self.emb.flat(batch)  # [B, 6]
+        return (self.head(x).squeeze(-1) * c).mean() + (x * x).mean()
+
+
+def _lazy_model():
+    from cvr_spark.train.optim import LazyEmbeddingAdam
+
+    model = _EmbHead()
+    return model, LazyEmbeddingAdam(model.head.parameters(), [model.emb], lr=0.05, weight_decay=0.01)
+
+
+def _lazy_batches():
+    g = torch.Generator().manual_seed(7)
+    for _ in range(4):
+        sparse = torch.stack([torch.randint(0, 40, (6,), generator=g), torch.randint(0, 30, (6,), generator=g)], 1)
+        yield {"sparse": sparse}, torch.randn(6, generator=g)
+
+
+def test_ddp_lazy_embedding_rows_match_one_process_on_the_whole_batch(tmp_path):
+    """DDP averages the ranks' gradients; the row-wise tables are all-reduced by the optimiser
+    over the union of the ranks' rows. Two ranks with half a batch each must end where one
+    process with the whole batch ends, with identical tables on both ranks."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_lazy_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"lazy{r}.pt", weights_only=True) for r in (0, 1))
+    torch.manual_seed(100)  # rank 0's initial weights
+    model, opt = _lazy_model()
+    for batch, c in _lazy_batches():  # mean over 6 rows == mean of the two ranks' 3-row means
+        opt.zero_grad()
+        model(batch, c).backward()
+        opt.step()
+    for key, value in model.state_dict().items():
+        assert torch.equal(r0[key], r1[key]), f"{key} differs between ranks"
+        torch.testing.assert_close(r0[key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -98,9 +98,9 @@ class TinyModel(CVRModel):
                 self.net.net[0].weight.fill_(float("nan"))
 
 
-def make_model(seed: int = 0) -> TinyModel:
+def make_model(seed: int = 0, embedding_optimizer: str = "lazy_adam") -> TinyModel:
     torch.manual_seed(seed)
-    return TinyModel()
+    return TinyModel(cfg=ModelConfig(embedding_dim=4, lr=0.05, batch_size=100, embedding_optimizer=embedding_optimizer))
 
 
 def loaders(train_seed: int = 1, valid_invert: bool = False) -> tuple[TensorLoader, TensorLoader]:
@@ -140,20 +140,25 @@ def test_same_seed_same_metrics_and_checkpoint_loads_weights_only(tmp_path):
 
 
 # killed during step 14 (last checkpoint: step 12, mid-epoch) / step 21 (last: end of epoch 1)
+@pytest.mark.parametrize("embedding_optimizer", ["lazy_adam", "adam"])
 @pytest.mark.parametrize("kill_step", [14, 21])
-def test_kill_and_resume_gives_the_same_final_weights(tmp_path, kill_step):
+def test_kill_and_resume_gives_the_same_final_weights(tmp_path, kill_step, embedding_optimizer):
     cfg = quiet(checkpoint_every=4, seed=2)
-    ref = make_model(2)
+    ref = make_model(2, embedding_optimizer)
     ref_result = fit(ref, *loaders(), cfg, tmp_path / "ref")
 
-    killed = make_model(2)
+    killed = make_model(2, embedding_optimizer)
     killed.fail_at_step = kill_step
     with pytest.raises(KeyboardInterrupt):
         fit(killed, *loaders(), cfg, tmp_path / "run")
     saved = ckpt.load_checkpoint(tmp_path / "run")
     assert saved["step"] == {14: 12, 21: 20}[kill_step]
+    # the embedding table's Adam moments are in the checkpoint (lazy: rows never read stay 0)
+    (table_state,) = [s for s in saved["optimizer"]["state"].values() if s["exp_avg"].shape == (219, 4)]
+    assert float(table_state["step"]) == saved["step"]
+    assert (embedding_optimizer == "lazy_adam") == bool((table_state["exp_avg"].abs().sum(1) == 0).any())
 
-    resumed = make_model(99)  # a fresh process: other initial weights, other RNG state
+    resumed = make_model(99, embedding_optimizer)  # a fresh process: other initial weights, other RNG state
     result = fit(resumed, *loaders(), cfg, tmp_path / "run")
     assert result["steps"] == ref_result["steps"] == 30
     ref_w, res_w = weights(ref), weights(resumed)

@@ -105,6 +105,31 @@ def test_raw_fixture_exact_rows_and_rejects(spark) -> None:
     assert raw_line["source_file"].endswith("sample_skeleton_train.csv")
 
 
+def test_raw_common_join_broadcast_or_not_same_rows(spark, monkeypatch) -> None:
+    """A common-features file above BROADCAST_COMMON_MAX_BYTES is joined without the hint
+    (sort-merge join): the parsed rows and reasons are the same as with the broadcast."""
+    import cvr_spark.data.sources as sources
+
+    def parsed_rows() -> list[tuple]:
+        data = read_source(spark, "aliccp-raw", str(RAW), fields="full")
+        cols = ["_raw_id", "_reason", "input_split", *FULL]
+        return sorted((tuple(str(v) for v in r) for r in data.parsed.select(*cols).collect()))
+
+    def hinted(data) -> bool:
+        return "BroadcastHashJoin" in data.parsed._jdf.queryExecution().executedPlan().toString()
+
+    assert hinted(read_source(spark, "aliccp-raw", str(RAW), fields="full"))
+    broadcast = parsed_rows()
+    monkeypatch.setattr(sources, "BROADCAST_COMMON_MAX_BYTES", -1)
+    spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "-1")
+    try:
+        assert not hinted(read_source(spark, "aliccp-raw", str(RAW), fields="full"))
+        assert parsed_rows() == broadcast
+    finally:
+        spark.conf.unset("spark.sql.autoBroadcastJoinThreshold")
+    assert len(broadcast) == 19  # every data line of the train and test skeletons
+
+
 def test_raw_aitm18_preset_and_optional_test_pair(spark, tmp_path: Path) -> None:
     for name in ("sample_skeleton_train.csv", "common_features_train.csv"):
         shutil.copy(RAW / name, tmp_path / name)

@@ -104,6 +104,7 @@ class LazyEmbeddingAdam(torch.optim.Adam):
             sink = RowGradient()
             t.attach_row_gradient(sink)
             self._sinks[t.table.weight] = sink
+        self._packed: dict[nn.Parameter, Tensor] = {}  # table -> its m, v as one [N, 2, D] tensor
         self._group: Any = None
         self._distributed = False
         self._warned_dense = False
@@ -139,37 +140,51 @@ class LazyEmbeddingAdam(torch.optim.Adam):
                 p.grad = g
         return loss
 
-    def _state(self, group: dict, p: Tensor) -> dict:
+    def _state(self, group: dict, p: Tensor) -> tuple[dict, Tensor]:
+        """The table's Adam state and its moments packed as one [N, 2, D] tensor.
+
+        ``state['exp_avg']`` / ``state['exp_avg_sq']`` are the two halves (views) of the packed
+        tensor, so that ``state_dict()`` reads like Adam's while a step gathers and scatters each
+        looked-up row's m and v together (one random access instead of two). State loaded by
+        ``load_state_dict`` (separate tensors) is packed again on the next step.
+        """
         state = self.state[p]
-        if not state:  # Adam's layout, so that state_dict() reads like Adam's
+        if not state:
             on_device = group["fused"] or group["capturable"]
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
+            packed = torch.zeros(p.shape[0], 2, *p.shape[1:], dtype=p.dtype, device=p.device)
+        else:
+            packed = self._packed.get(p)
+            if packed is not None and state["exp_avg"].data_ptr() == packed.data_ptr():
+                return state, packed
+            packed = torch.stack([state["exp_avg"], state["exp_avg_sq"]], 1).to(p.device, p.dtype)
+        state["exp_avg"], state["exp_avg_sq"] = packed[:, 0], packed[:, 1]
+        self._packed[p] = packed
+        return state, packed
 
     def _table_step(self, group: dict, p: Tensor, dense_grad: Optional[Tensor]) -> None:
         pending = self._sinks[p].collect()  # (distinct rows [U], summed gradient [U, D]) or None
-        state = self._state(group, p)
+        state, packed = self._state(group, p)
         state["step"] += 1  # the global step, whether or not this table was looked up
         if dense_grad is not None:
-            self._dense_table_step(group, p, state, dense_grad, pending)
+            self._dense_table_step(group, p, state, packed, dense_grad, pending)
             return
         if self._distributed:
             rows, grad = pending if pending is not None else (None, None)
             pending = _union_rows(rows, grad, p.shape[1], p.device, self._group)
         if pending is not None:
-            self._update_rows(group, p, state, *pending)
+            self._update_rows(group, p, state, packed, *pending)
 
-    def _update_rows(self, group: dict, p: Tensor, state: dict, rows: Optional[Tensor], grad: Tensor) -> None:
+    def _update_rows(self, group: dict, p: Tensor, state: dict, packed: Tensor, rows: Optional[Tensor],
+                     grad: Tensor) -> None:
         """Adam on the distinct rows ``rows`` [U] (None: every row) with their gradient [U, D]."""
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if rows is None:
-            w, m, v = p, exp_avg, exp_avg_sq  # updated in place
+            w, mv = p, packed  # updated in place
         else:
-            w, m, v = p.index_select(0, rows), exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
+            w, mv = p.index_select(0, rows), packed.index_select(0, rows)  # [U, D], [U, 2, D]
+        m, v = mv[:, 0], mv[:, 1]
         grad = grad.to(p.dtype)
         if wd:
             grad = grad.add(w, alpha=wd)
@@ -182,10 +197,9 @@ class LazyEmbeddingAdam(torch.optim.Adam):
         w.sub_(m / denom * (lr / bias1))
         if rows is not None:
             p.index_copy_(0, rows, w)
-            exp_avg.index_copy_(0, rows, m)
-            exp_avg_sq.index_copy_(0, rows, v)
+            packed.index_copy_(0, rows, mv)
 
-    def _dense_table_step(self, group: dict, p: Tensor, state: dict, dense_grad: Tensor,
+    def _dense_table_step(self, group: dict, p: Tensor, state: dict, packed: Tensor, dense_grad: Tensor,
                           pending: Optional[tuple[Tensor, Tensor]]) -> None:
         """Every row is touched: a dense gradient plus the lookups' rows -> a dense Adam step."""
         if not self._warned_dense:
@@ -197,7 +211,7 @@ class LazyEmbeddingAdam(torch.optim.Adam):
             grad.index_add_(0, pending[0], pending[1].to(grad.dtype))
         if self._distributed:
             grad = _all_reduce_mean(grad, self._group)
-        self._update_rows(group, p, state, None, grad)
+        self._update_rows(group, p, state, packed, None, grad)
 
 
 def embedding_tables(model: nn.Module) -> list[EmbeddingArch]:

@@ -266,3 +266,20 @@ def test_fast_dropout_rate_scale_gradient_and_seed():
     assert FastDropout(0.0).train()(x) is x
     with pytest.raises(ValueError, match="dropout rate"):
         FastDropout(1.0)
+
+
+def test_fast_dropout_keeps_bytes_at_or_above_the_threshold() -> None:
+    from cvr_spark.models.base import FastDropout
+
+    drop = FastDropout(0.3)
+    x = torch.randn(1000, 37)
+    torch.manual_seed(3)
+    y = drop(x)
+    torch.manual_seed(3)  # the same draw: one random byte per element
+    words = torch.randint(-(2 ** 63), 2 ** 63 - 1, ((x.numel() + 7) // 8,), dtype=torch.int64)
+    keep = words.view(torch.uint8)[: x.numel()].view(x.shape) >= drop.threshold
+    assert drop.threshold == 77
+    torch.testing.assert_close(y, torch.where(keep, x * drop.scale, torch.zeros_like(x)), rtol=0, atol=0)
+    assert abs(float((y == 0).float().mean()) - 77 / 256) < 0.01
+    drop.eval()
+    assert torch.equal(drop(x), x)

@@ -278,8 +278,12 @@ class FastDropout(nn.Module):
             return F.dropout(x, self.p, True)
         n = x.numel()
         words = torch.randint(-(2 ** 63), 2 ** 63 - 1, ((n + 7) // 8,), dtype=torch.int64)
-        keep = words.view(torch.uint8)[:n].view(x.shape) >= self.threshold
-        return x * (keep.to(x.dtype) * self.scale)
+        byte = words.view(torch.uint8)[:n].view(x.shape).to(x.dtype)  # 0..255, exact in any float dtype
+        # keep = (byte >= threshold) * scale, in arithmetic: (byte - (threshold - 1)) clamped to
+        # [0, 1] is 0 below the threshold and 1 from it on. On CPU this is several times faster
+        # than a comparison (its bool output) plus a bool -> float cast; the mask is the same.
+        keep = byte.sub_(self.threshold - 1).clamp_(0.0, 1.0).mul_(self.scale)
+        return x * keep
 
     def extra_repr(self) -> str:
         return f"p={self.p} (as {self.threshold}/256)"

@@ -24,6 +24,9 @@ class AITMConfig(ModelConfig):
     # added to the loss as the code does (tf l2_regularizer); hence no Adam weight decay.
     l2_reg: float = 1e-6
     weight_decay: float = 0.0
+    # The L2 term's gradient reaches every row of the table in every step, so row-wise (lazy)
+    # Adam would run a dense step anyway: dense Adam (the official code's TF Adam) by default.
+    embedding_optimizer: str = "adam"
     attention_init_std: float = 0.01  # Q/K/V ~ N(0, 0.01^2), no bias
 
     def __post_init__(self) -> None:

@@ -283,3 +283,22 @@ def test_fast_dropout_keeps_bytes_at_or_above_the_threshold() -> None:
     assert abs(float((y == 0).float().mean()) - 77 / 256) < 0.01
     drop.eval()
     assert torch.equal(drop(x), x)
+
+
+def test_mlp_relu_dropout_node_matches_the_modules() -> None:
+    """CPU training runs ReLU -> FastDropout as one autograd node: same output, same gradients
+    and the same random draw as the modules one after the other."""
+    from cvr_spark.models.base import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(7, [16, 8], [0.3, 0.5], out_dim=1)
+    assert mlp._fused == {1, 4}
+    x = torch.randn(50, 7, requires_grad=True)
+    grads = []
+    for fused in (True, False):
+        torch.manual_seed(11)
+        y = mlp(x) if fused else mlp.net(x)
+        grads.append((y, *torch.autograd.grad(y.pow(2).sum(), [x, *mlp.parameters()])))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert float(grads[0][1].abs().sum()) > 0

@@ -276,17 +276,39 @@ class FastDropout(nn.Module):
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, True)
-        n = x.numel()
+        return x * self.keep_mask(x.shape, x.dtype)
+
+    def keep_mask(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        """A fresh CPU mask of ``shape``: ``scale`` where the random byte is >= ``threshold``, else 0."""
+        n = shape.numel()
         words = torch.randint(-(2 ** 63), 2 ** 63 - 1, ((n + 7) // 8,), dtype=torch.int64)
-        byte = words.view(torch.uint8)[:n].view(x.shape).to(x.dtype)  # 0..255, exact in any float dtype
+        byte = words.view(torch.uint8)[:n].view(shape).to(dtype)  # 0..255, exact in any float dtype
         # keep = (byte >= threshold) * scale, in arithmetic: (byte - (threshold - 1)) clamped to
         # [0, 1] is 0 below the threshold and 1 from it on. On CPU this is several times faster
         # than a comparison (its bool output) plus a bool -> float cast; the mask is the same.
-        keep = byte.sub_(self.threshold - 1).clamp_(0.0, 1.0).mul_(self.scale)
-        return x * keep
+        return byte.sub_(self.threshold - 1).clamp_(0.0, 1.0).mul_(self.scale)
 
     def extra_repr(self) -> str:
         return f"p={self.p} (as {self.threshold}/256)"
+
+
+class _ReLUDropout(torch.autograd.Function):
+    """``FastDropout(relu(x))`` on CPU in one node: y = relu(x) * keep, computed in place on
+    relu's output; backward g * scale where y > 0 (kept and positive), from y alone. The same
+    values and the same random draw as the two modules, with fewer passes over the activations
+    (on 2 cores the passes over [2000, 128] activations, not the FLOPs, are what they cost)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, drop: FastDropout) -> Tensor:
+        y = torch.relu(x).mul_(drop.keep_mask(x.shape, x.dtype))
+        ctx.save_for_backward(y)
+        ctx.scale = drop.scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad, y, 0.0).mul_(ctx.scale), None
 
 
 class MLP(nn.Module):
@@ -327,9 +349,22 @@ class MLP(nn.Module):
             width = out_dim
         self.net = nn.Sequential(*layers)
         self.out_dim = width
+        # ReLU -> FastDropout pairs, run as one node in CPU training (_ReLUDropout)
+        self._fused = frozenset(i for i in range(len(layers) - 1)
+                                if isinstance(layers[i], nn.ReLU) and isinstance(layers[i + 1], FastDropout))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        if not (self._fused and self.training and x.device.type == "cpu"):
+            return self.net(x)
+        layers, i = self.net, 0
+        while i < len(layers):
+            if i in self._fused:
+                x = _ReLUDropout.apply(x, layers[i + 1])
+                i += 2
+            else:
+                x = layers[i](x)
+                i += 1
+        return x
 
 
 @dataclass

@@ -279,3 +279,23 @@ def test_every_registry_model_trains_with_lazy_tables(name):
             assert not torch.equal(t.table.weight[unread], w0[unread])
         else:
             assert torch.equal(t.table.weight[unread], w0[unread])
+
+
+def test_weights_changed_between_backward_and_step_are_read_again():
+    """The optimiser reuses the rows the lookup read only while the table is unchanged."""
+    runs = []
+    for poke_before_forward in (True, False):
+        arch = table(6)
+        opt = LazyEmbeddingAdam([], [arch], lr=0.1)
+        batch = BATCHES[0]
+        if poke_before_forward:
+            with torch.no_grad():
+                arch.table.weight.add_(0.5)
+        opt.zero_grad()
+        step_loss(arch, batch, coef(batch, 1)).backward()
+        if not poke_before_forward:
+            with torch.no_grad():
+                arch.table.weight.add_(0.5)  # after the lookup: the update must start from these
+        opt.step()
+        runs.append(arch.table.weight.detach().clone())
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)

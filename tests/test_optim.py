@@ -299,3 +299,10 @@ def test_weights_changed_between_backward_and_step_are_read_again():
         opt.step()
         runs.append(arch.table.weight.detach().clone())
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
+def test_registry_rejects_an_unknown_embedding_optimizer():
+    with pytest.raises(ValueError, match="embedding_optimizer must be one of"):
+        registry.build("esmm", make_spec(), {"embedding_optimizer": "sgd"})
+    assert registry.preset_options("esmm", "paper")["embedding_optimizer"] == "lazy_adam"
+    assert registry.preset_options("aitm", "paper")["embedding_optimizer"] == "adam"

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 Batch = Mapping[str, Tensor]
+EMBEDDING_OPTIMIZERS = ("lazy_adam", "adam")  # ModelConfig.embedding_optimizer (cvr_spark.train.optim)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 from typing import Any, Mapping
 
-from cvr_spark.models.base import CVRModel, FeatureSpec
+from cvr_spark.models.base import EMBEDDING_OPTIMIZERS, CVRModel, FeatureSpec
 
 _REGISTRY: dict[str, type[CVRModel]] = {}
 _LOADED = False
@@ -63,14 +63,19 @@ def build(name: str, spec: FeatureSpec, options: Mapping[str, Any] | None = None
     """Instantiate model ``name`` with its config dataclass filled from ``options``.
 
     Raises:
-        ValueError: an option is not a field of the model's config (names it).
+        ValueError: an option is not a field of the model's config (names it), or an unknown
+            ``embedding_optimizer``.
     """
     cls = get(name)
     known = {f.name for f in dataclasses.fields(cls.config_cls)}
     unknown = set(options or {}) - known
     if unknown:
         raise ValueError(f"model '{name}': unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
-    return cls(spec, cls.config_cls(**dict(options or {})))
+    cfg = cls.config_cls(**dict(options or {}))
+    if getattr(cfg, "embedding_optimizer", EMBEDDING_OPTIMIZERS[0]) not in EMBEDDING_OPTIMIZERS:
+        raise ValueError(f"model '{name}': embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, "
+                         f"got {cfg.embedding_optimizer!r}")
+    return cls(spec, cfg)
 
 
 def describe() -> list[dict]:

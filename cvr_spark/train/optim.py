@@ -32,38 +32,49 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from cvr_spark.models.base import EmbeddingArch, RowGradient
+from cvr_spark.models.base import EMBEDDING_OPTIMIZERS, EmbeddingArch, RowGradient, sum_rows
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_OPTIMIZERS = ("lazy_adam", "adam")
 
 
-def _union_rows(rows: Optional[Tensor], grad: Optional[Tensor], dim: int, device: torch.device,
+def _union_rows(rows: Optional[Tensor], grad: Optional[Tensor], dim: int, num_rows: int, device: torch.device,
                 group: Any) -> Optional[tuple[Tensor, Tensor]]:
-    """Every rank's distinct looked-up rows [U] and their gradient [U, D], averaged over ranks
-    (DDP's mean): the same tensors on every rank. ``rows`` [n] are this rank's distinct rows."""
+    """Every rank's distinct looked-up rows [U] (ascending) and their gradient [U, D] averaged over
+    ranks (DDP's mean), the same tensors on every rank. ``rows`` [n]: this rank's distinct rows.
+
+    Two collectives: the ranks' row counts, then every rank's (rows, gradients) packed in one
+    float32 tensor (the int64 rows bit-cast to two float32 columns). Each rank then sums the
+    same gathered values the same way, so the result is bit-identical on every rank: on CPU with
+    one sort and a sparse sum (:func:`~cvr_spark.models.base.sum_rows`), on CUDA in rank order
+    with one ``index_add_`` per rank (a rank's rows are distinct, so no two additions of one call
+    hit the same row: deterministic despite atomics).
+    """
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
     n = torch.tensor([0 if rows is None else rows.numel()], dtype=torch.long, device=device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n, group=group)
-    counts = [int(s) for s in sizes]
+    counts = [int(c) for c in sizes]
     if max(counts) == 0:
         return None
-    padded = torch.zeros(max(counts), dtype=torch.long, device=device)
+    packed = torch.zeros(max(counts), 2 + dim, dtype=torch.float32, device=device)
     if rows is not None:
-        padded[: rows.numel()] = rows
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded, group=group)
-    union, inverse = torch.unique(torch.cat([p[:c] for p, c in zip(parts, counts)]), return_inverse=True)
-    total = torch.zeros(union.numel(), dim, dtype=torch.float32 if grad is None else grad.dtype, device=device)
-    if rows is not None:
-        start = sum(counts[: dist.get_rank(group)])
-        total.index_copy_(0, inverse[start:start + rows.numel()], grad)  # this rank's rows are distinct
-    dist.all_reduce(total, group=group)
-    return union, total.div_(world)
+        packed[: rows.numel(), :2] = rows.contiguous().view(torch.float32).view(-1, 2)  # bits, not values
+        packed[: rows.numel(), 2:] = grad
+    parts = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(parts, packed, group=group)
+    ranks = [(p[:c, :2].contiguous().view(torch.int64).view(-1), p[:c, 2:]) for p, c in zip(parts, counts)]
+    every = torch.cat([r for r, _ in ranks])
+    if device.type == "cpu":  # one sort + a sparse sum, deterministic on CPU
+        union, total = sum_rows(every, torch.cat([g for _, g in ranks]), num_rows)
+    else:  # CUDA: no floating-point atomics race (each call adds distinct rows), rank order
+        union = torch.unique_consecutive(torch.sort(every)[0])
+        total = torch.zeros(union.numel(), dim, dtype=torch.float32, device=device)
+        for r, g in ranks:
+            total.index_add_(0, torch.searchsorted(union, r), g)
+    return union, total.div_(world).to(grad.dtype if grad is not None else torch.float32)
 
 
 def _all_reduce_mean(t: Tensor, group: Any) -> Tensor:
@@ -171,7 +182,7 @@ class LazyEmbeddingAdam(torch.optim.Adam):
             return
         if self._distributed:
             rows, grad = pending if pending is not None else (None, None)
-            pending = _union_rows(rows, grad, p.shape[1], p.device, self._group)
+            pending = _union_rows(rows, grad, p.shape[1], p.shape[0], p.device, self._group)
         if pending is not None:
             self._update_rows(group, p, state, packed, *pending)
 
@@ -259,19 +270,24 @@ def row_wise_parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer)
 
 
 def prepare_ddp(model: nn.Module, optimizer: torch.optim.Optimizer, process_group: Any = None) -> list[str]:
-    """Call before wrapping ``model`` in DDP: the row-wise tables leave DDP's gradient all-reduce
+    """Call before wrapping ``model`` in DDP. The row-wise tables leave DDP's gradient all-reduce
     (the optimiser all-reduces their looked-up rows instead) and are broadcast from rank 0, as
-    DDP does with the parameters it manages. Returns the names of the tables taken out."""
+    DDP does with the parameters it manages. Non-persistent buffers leave DDP's per-forward
+    buffer broadcast: in this package they are constants computed from the spec and config
+    (``EmbeddingArch.offsets``, ``CGC.own``), equal on every rank; trained state (CSTWA's CTR
+    FIFO) is in persistent buffers, which DDP keeps broadcasting. Returns the names taken out."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     names = row_wise_parameter_names(model, optimizer)
-    if not names:
-        return []
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    constants = [f"{prefix}{'.' if prefix else ''}{name}" for prefix, module in model.named_modules()
+                 for name in module._non_persistent_buffers_set]
+    if names or constants:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names + constants)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name in names:
             dist.broadcast(params[name].data, src=0, group=process_group)
-    optimizer.sync_rows_across_ranks(process_group)
-    return names
+    if names:
+        optimizer.sync_rows_across_ranks(process_group)
+    return names + constants

@@ -3,7 +3,10 @@
     .venv/bin/python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json
 
 The step is what the training loop does per batch (``cvr_spark.train.loop``): forward, loss,
-the NaN guard's host sync, backward, Adam step, the model's batch hook. Inputs are preloaded
+the NaN guard's host sync, backward, optimiser step, the model's batch hook; set up as the loop
+sets it up (:func:`prepare`: ``make_optimizer`` with the preset's ``embedding_optimizer``,
+row-wise lazy Adam for the embedding tables by default, ``--embedding-optimizer adam`` for
+dense Adam; the CPU malloc setting; ``wrap_ddp`` under DDP). Inputs are preloaded
 tensors (batch 2000, 18 single-valued fields with Ali-CCP-like vocabulary sizes after the
 min-count filter; ids drawn Zipf-like, ~4% clicks, ~10% of clicks converting), so no I/O is
 timed. Settings: CPU with ``--threads`` (2), CUDA when present (fp32 and bf16 autocast), and

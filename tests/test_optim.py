@@ -306,3 +306,30 @@ def test_registry_rejects_an_unknown_embedding_optimizer():
         registry.build("esmm", make_spec(), {"embedding_optimizer": "sgd"})
     assert registry.preset_options("esmm", "paper")["embedding_optimizer"] == "lazy_adam"
     assert registry.preset_options("aitm", "paper")["embedding_optimizer"] == "adam"
+
+
+def test_lazy_optimizer_reads_a_dense_adam_state():
+    """A checkpoint written with embedding_optimizer=adam (or before the row-wise optimiser)
+    resumes under lazy_adam with its moments: each parameter gets its own Adam state back."""
+    spec = make_spec(n_sparse=4, vocab=12)
+    torch.manual_seed(0)
+    model = registry.build("esmm", spec, registry.preset_options("esmm", "fast"))
+    batch = make_batch(spec, 64, seed=1)
+    dense = make_optimizer(model, "adam")
+    for _ in range(2):
+        dense.zero_grad()
+        model.loss(batch, model(batch))["total"].backward()
+        dense.step()
+    saved = dense.state_dict()
+    lazy = make_optimizer(model, "lazy_adam")
+    lazy.load_state_dict(saved)
+    order = list(model.parameters())
+    for p in (model.embedding.table.weight, model.towers.towers[1].net[0].weight):
+        expected = saved["state"][next(i for i, q in enumerate(order) if q is p)]
+        assert torch.equal(lazy.state[p]["exp_avg"], expected["exp_avg"]) and float(lazy.state[p]["step"]) == 2
+    lazy.zero_grad()
+    model.loss(batch, model(batch))["total"].backward()
+    lazy.step()
+    assert float(lazy.state[model.embedding.table.weight]["step"]) == 3
+    assert torch.equal(lazy.state[model.embedding.table.weight]["exp_avg"],
+                       lazy._packed[model.embedding.table.weight][:, 0])  # packed again on the step

@@ -105,8 +105,10 @@ class LazyEmbeddingAdam(torch.optim.Adam):
 
     def __init__(self, dense_params: Iterable[nn.Parameter], tables: Sequence[EmbeddingArch], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 fused: Optional[bool] = None) -> None:
+                 fused: Optional[bool] = None, param_order: Optional[Sequence[nn.Parameter]] = None) -> None:
         dense = list(dense_params)
+        # model.parameters() order: lets load_state_dict read a dense torch.optim.Adam state
+        self._param_order = list(param_order) if param_order is not None else None
         groups = ([{"params": dense}] if dense else []) + [
             {"params": [t.table.weight], "lazy": True} for t in tables]
         super().__init__(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
@@ -119,6 +121,35 @@ class LazyEmbeddingAdam(torch.optim.Adam):
         self._group: Any = None
         self._distributed = False
         self._warned_dense = False
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Adam's ``load_state_dict``; also reads a one-group ``torch.optim.Adam`` state over
+        ``model.parameters()`` (``embedding_optimizer: adam``, or a checkpoint from before the
+        row-wise optimiser) when built with ``param_order``: the moments and steps carry over."""
+        groups = state_dict["param_groups"]
+        if len(groups) == 1 and len(self.param_groups) > 1 and self._param_order is not None:
+            state_dict = self._from_dense_adam(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _from_dense_adam(self, state_dict: dict) -> dict:
+        (old,) = state_dict["param_groups"]
+        if len(old["params"]) != len(self._param_order):
+            raise ValueError(f"optimizer state has {len(old['params'])} parameters, the model {len(self._param_order)}")
+        position = {id(p): i for i, p in enumerate(self._param_order)}
+        ours = [p for g in self.param_groups for p in g["params"]]
+        state = {}
+        for i, p in enumerate(ours):
+            key = old["params"][position[id(p)]]
+            if key in state_dict["state"]:
+                state[i] = state_dict["state"][key]
+        groups, start = [], 0
+        for g in self.param_groups:
+            options = {k: v for k, v in old.items() if k != "params"}
+            if g.get("lazy"):
+                options["lazy"] = True
+            groups.append({**options, "params": list(range(start, start + len(g["params"])))})
+            start += len(g["params"])
+        return {"state": state, "param_groups": groups}
 
     def sync_rows_across_ranks(self, process_group: Any = None) -> None:
         """All-reduce the tables' row gradients over ``process_group`` in every step (DDP)."""
@@ -255,10 +286,11 @@ def make_optimizer(model: Any, embedding_optimizer: Optional[str] = None) -> tor
             return torch.optim.Adam(model.parameters(), **kw)
     lazy = {id(t.table.weight) for t in tables}
     dense = [p for p in model.parameters() if id(p) not in lazy]
+    order = list(model.parameters())
     try:
-        return LazyEmbeddingAdam(dense, tables, fused=True, **kw)
+        return LazyEmbeddingAdam(dense, tables, fused=True, param_order=order, **kw)
     except (RuntimeError, TypeError, ValueError):
-        return LazyEmbeddingAdam(dense, tables, **kw)
+        return LazyEmbeddingAdam(dense, tables, param_order=order, **kw)
 
 
 def row_wise_parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

@@ -330,12 +330,20 @@ def aitm_rows(folder: Path) -> dict[str, list[list[Optional[str]]]]:
     return out
 
 
-@pytest.mark.parametrize("min_count,fmt", [(1, "delta"), (2, "parquet")])
-def test_end_to_end_on_aitm_sample(spark, shared_fixtures, tmp_path, min_count, fmt):
+def _stored_rdds(spark) -> int:
+    """RDDs with blocks in Spark's storage (persisted frames, local checkpoints)."""
+    return len(spark.sparkContext._jsc.sc().getRDDStorageInfo())
+
+
+@pytest.mark.parametrize("min_count,fmt,truncate", [(1, "delta", True), (2, "parquet", False)])
+def test_end_to_end_on_aitm_sample(spark, shared_fixtures, tmp_path, min_count, fmt, truncate):
     folder = shared_fixtures / "PaddleRec" / "aitm"
     cfg = FeaturesConfig(source="aitm-csv", input=str(folder), output=str(tmp_path), format=fmt,
-                         min_count=min_count, max_reject_fraction=0.1, rows_per_file=20, seed=3)
+                         min_count=min_count, max_reject_fraction=0.1, rows_per_file=20, seed=3,
+                         truncate_lineage=truncate)
+    stored = _stored_rdds(spark)
     manifest = fm.run_features(spark, cfg)
+    assert _stored_rdds(spark) <= stored  # persisted frames and the local checkpoint are freed
     rows = aitm_rows(folder)
     assert manifest["rows_in"] == {"train": 48, "test": 50}
     assert manifest["rejects"] == {"conversion_without_click": 48 + 50 - len(rows["train"]) - len(rows["test"])}

@@ -281,6 +281,77 @@ def test_experiment_end_to_end_in_process(tmp_path, capsys):
     assert again["metrics"]["ctr_auc"] == pytest.approx(test_auc[0], abs=1e-12)
 
 
+class FakeMlflow:
+    """Records what the experiment logs (the mlflow API the experiment uses); ``broken``: the
+    tracking store cannot be opened."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.broken, self.runs = broken, []
+
+    def get_tracking_uri(self) -> str:
+        return "sqlite:///nowhere/mlflow.db"
+
+    def MlflowClient(self):  # noqa: N802  (the mlflow name)
+        fake = self
+
+        class Client:
+            def search_experiments(self, max_results: int):
+                if fake.broken:
+                    raise OSError("unable to open database file")
+                return []
+        return Client()
+
+    def start_run(self, run_name: str):
+        import contextlib
+
+        self.runs.append({"name": run_name, "params": {}, "metrics": [], "tags": {}, "artifacts": []})
+        return contextlib.nullcontext()
+
+    def log_params(self, params):
+        self.runs[-1]["params"].update(params)
+
+    def log_metrics(self, metrics, step=None):
+        self.runs[-1]["metrics"].append((step, dict(metrics)))
+
+    def set_tags(self, tags):
+        self.runs[-1]["tags"].update(tags)
+
+    def log_artifacts(self, path):
+        self.runs[-1]["artifacts"].append(path)
+
+
+def test_experiment_logs_each_run_to_mlflow_and_checks_the_store_first(tmp_path, monkeypatch):
+    import sys
+
+    from cvr_spark.train.experiment import run_train
+
+    data = write_features(tmp_path / "data")
+    over = ["train.progress=false", "train.num_threads=1", "model.batch_size=200"]
+    broken = FakeMlflow(broken=True)
+    monkeypatch.setitem(sys.modules, "mlflow", broken)
+    with pytest.raises(RuntimeError, match=r"tracking store 'sqlite:///nowhere/mlflow.db' cannot be used "
+                                           r"\(OSError: unable to open database file\).*train.mlflow=false"):
+        run_train(data, ["esmm"], [1], "fast", 2, 1, tmp_path / "broken", over, use_gpu=False)
+    assert not (tmp_path / "broken").exists()  # failed before training
+    run_train(data, ["esmm"], [1], "fast", 1, 1, tmp_path / "off", over + ["train.mlflow=false"], use_gpu=False)
+    assert broken.runs == []  # logging off: the store is not even opened
+
+    fake = FakeMlflow()
+    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    result = run_train(data, ["esmm"], [1, 2], "fast", 2, 1, tmp_path / "runs", over, use_gpu=False)
+    assert [r["name"] for r in fake.runs] == ["esmm-seed1", "esmm-seed2"]
+    for logged, run in zip(fake.runs, result["runs"]):
+        record = json.loads((Path(run["run_dir"]) / "metrics.json").read_text())
+        assert logged["params"]["model.batch_size"] == "200" and logged["params"]["train.epochs"] == "2"
+        history = [(step, m) for step, m in logged["metrics"] if step is not None]
+        assert history == [(h["epoch"], {"train_loss": h["train_loss"], "valid_score": h["score"]})
+                           for h in record["history"]] and len(history) == 2
+        (_, test), = [(step, m) for step, m in logged["metrics"] if step is None]
+        assert test["test_ctr_auc"] == record["test"]["ctr_auc"] and "test_cvr_auc_clicked" in test
+        assert logged["tags"] == {"table_version.train": "0", "table_version.valid": "0", "table_version.test": "0"}
+        assert logged["artifacts"] == [run["run_dir"]]
+
+
 def test_load_truth_matches_the_feature_jobs_shifted_test_ids(tmp_path):
     """The simulator keys truth by raw-file id + file split; features shift test ids by 2**57."""
     from deltalake import write_deltalake

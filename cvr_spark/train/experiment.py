@@ -9,8 +9,10 @@ Layout of ``out_dir``::
 
 Overrides are dotted keys under ``train.`` (fields of :class:`TrainConfig`) or ``model.``
 (fields of the model's config dataclass), e.g. ``["train.patience=2", "model.lr=0.01"]``.
-MLflow logging (params, per-epoch and test metrics, table versions, run folder) happens when
-``mlflow`` is importable and is skipped silently otherwise.
+MLflow logging (params, per-epoch and test metrics, table versions, run folder) happens on the
+driver after each run when ``mlflow`` is importable and ``train.mlflow`` is true (the default);
+without mlflow it is skipped silently. The tracking store (``MLFLOW_TRACKING_URI``; MLflow 3's
+default is ``sqlite:///mlflow.db`` in the working directory) is opened before the first run.
 """
 from __future__ import annotations
 
@@ -201,12 +203,35 @@ def evaluate_run(target: str | Path, data_dir: str | Path, split: str = "test", 
             "table_version": loader.table_version, "truth_available": truth is not None}
 
 
-def _log_mlflow(run: Mapping[str, Any], run_dir: Path) -> None:
-    """Log one run to MLflow (driver only, i.e. one writer); silently skipped without mlflow."""
+def _mlflow_tracker(enabled: bool) -> Any:
+    """The ``mlflow`` module when runs are to be logged (``train.mlflow`` and mlflow importable),
+    else None. Its tracking store is opened here, before any training, so that a store that
+    cannot be used fails the experiment at once instead of after its first run.
+
+    Raises:
+        RuntimeError: mlflow is installed but its tracking store cannot be opened (names the URI).
+    """
+    if not enabled:
+        return None
     try:
         import mlflow
     except ImportError:
-        return
+        return None
+    uri = mlflow.get_tracking_uri()
+    try:
+        mlflow.MlflowClient().search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - any store error: report it with the way out
+        raise RuntimeError(
+            f"mlflow is installed but its tracking store {uri!r} cannot be used ({type(err).__name__}: "
+            f"{err}); set MLFLOW_TRACKING_URI (e.g. sqlite:///mlflow.db or a tracking server) or turn "
+            "run logging off with train.mlflow=false") from err
+    return mlflow
+
+
+def _log_mlflow(mlflow: Any, run: Mapping[str, Any], run_dir: Path) -> None:
+    """Log one finished run to MLflow (called on the driver only: one writer per run): the
+    model and train options as params, the validation history and the test metrics, the
+    feature table versions as tags, the run folder as artifacts."""
     record = json.loads((run_dir / "metrics.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     with mlflow.start_run(run_name=f"{run['model']}-seed{run['seed']}"):
@@ -250,6 +275,7 @@ def run_train(data_dir: str | Path, models: Sequence[str], seeds: Sequence[int],
 
     train_over, model_over = parse_overrides(overrides)
     FeatureSpec.from_manifest(load_manifest(data_dir))  # fail before any training
+    tracker = _mlflow_tracker(make_train_config(train_over, epochs=epochs).mlflow)
     use_gpu = torch.cuda.is_available() if use_gpu is None else bool(use_gpu)
     out, results = Path(out_dir).resolve(), []
     for name in models:
@@ -265,7 +291,8 @@ def run_train(data_dir: str | Path, models: Sequence[str], seeds: Sequence[int],
             run_dir = Path(train_distributed(job, processes, use_gpu, local_mode))
             result = evaluate_run(run_dir, data_dir, "test", device="cuda" if use_gpu else "cpu")
             results.append({**result, "run_dir": str(run_dir)})
-            _log_mlflow(result, run_dir)
+            if tracker is not None:
+                _log_mlflow(tracker, result, run_dir)
             log.info("%s seed %d: test %s", name, seed,
                      {k: result["metrics"].get(k) for k in ("ctr_auc", "cvr_auc_clicked", "ctcvr_auc")})
     runs = [{"model": r["model"], "seed": r["seed"], "metrics": r["metrics"]} for r in results]

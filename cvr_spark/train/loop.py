@@ -72,6 +72,9 @@ class TrainConfig:
     # CPU training: raise glibc malloc's mmap/trim thresholds so that activation-sized tensors
     # reuse heap memory instead of page-faulting fresh mmap'd pages (cvr_spark.train.cpu).
     tune_malloc: bool = True
+    # Log every run of an experiment to MLflow (the driver, after training) when mlflow is
+    # importable; false: never (cvr_spark.train.experiment).
+    mlflow: bool = True
     metric_names: list[str] = field(default_factory=list)  # filled from early_stop_metric
 
     def __post_init__(self) -> None:

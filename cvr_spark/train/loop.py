@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from cvr_spark.models.base import CVRModel
 from cvr_spark.train import checkpoint as ckpt
 from cvr_spark.train.cpu import tune_malloc
-from cvr_spark.train.optim import make_optimizer, prepare_ddp  # noqa: F401 (make_optimizer: the loop's optimiser)
+from cvr_spark.train.optim import make_optimizer, prepare_ddp
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,11 @@ import sys
 from typing import Callable, Sequence
 
 from cvr_spark.config import Config, ConfigError, load_config
+from cvr_spark.data.features import AccountingError
+
+# Errors that report bad input or options (their messages name the file, key or value): printed
+# as one line with exit status 2; anything else keeps its traceback.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, KeyError, FloatingPointError, AccountingError)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -123,10 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_train_commands(sub) -> None:
     p = sub.add_parser("train", help="train models x seeds on a feature table; writes a report")
     p.add_argument("--data", required=True, help="feature job output folder (has manifest.json)")
-    p.add_argument("--model", required=True, help="registry name(s), comma-separated")
+    p.add_argument("--model", required=True, type=_names, help="registry name(s), comma-separated")
     p.add_argument("--preset", default="paper", help="block of conf/models/<model>.yaml (paper, fast)")
     p.add_argument("--epochs", type=int, default=None, help="default: train.epochs (10)")
-    p.add_argument("--seeds", default="1", help="comma-separated seeds, one run each")
+    p.add_argument("--seeds", default=[1], type=_seeds, help="comma-separated seeds, one run each")
     p.add_argument("--processes", type=int, default=1, help="ranks per run (1: in this process, "
                    "more: TorchDistributor)")
     p.add_argument("--out", required=True, help="run folder root (<out>/<model>/seed<k>)")
@@ -162,6 +167,23 @@ def _add_graph_and_score_commands(sub) -> None:
     p.set_defaults(func=cmd_score)
 
 
+def _names(text: str) -> list[str]:
+    """``--model``: comma-separated registry names."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no model name in {text!r}")
+    return names
+
+
+def _seeds(text: str) -> list[int]:
+    """``--seeds``: comma-separated integers."""
+    parts = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in parts if not s.lstrip("-").isdigit()]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 1,2,3; got {text!r}")
+    return [int(s) for s in parts]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from cvr_spark.train.experiment import run_train
 
@@ -170,8 +192,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         get_spark()
     result = run_train(
-        args.data, [m.strip() for m in args.model.split(",") if m.strip()],
-        [int(s) for s in args.seeds.split(",") if s.strip()], args.preset, args.epochs,
+        args.data, args.model, args.seeds, args.preset, args.epochs,
         args.processes, args.out, overrides=list(args.overrides), use_gpu=args.use_gpu,
         local_mode=args.local_mode, graph_dir=args.graphs, graph_version=args.graph_version,
     )
@@ -195,6 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except ConfigError as e:
         print(f"cvr-spark: config error: {e}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as e:  # bad input or options: the message names them (-v: the traceback)
+        if args.verbose:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"cvr-spark {args.command}: {type(e).__name__}: {message}", file=sys.stderr)
         return 2
 
 

@@ -213,14 +213,69 @@ def test_metric_mode_and_errors(tmp_path):
     assert TrainConfig().metric_names == ["ctr_auc", "ctcvr_auc"]
     with pytest.raises(ValueError, match="train.epochs"):
         TrainConfig(epochs=0)
-    with pytest.raises(KeyError, match="no validation metric 'nope'"):
-        fit(make_model(0), *loaders(), quiet(epochs=1, early_stop_metric="nope"), tmp_path)
+    for name in ("nope", "pcoc_ctr", "cvr_auc_true_all", "ctr_auc,n_clicks"):  # refused before training
+        with pytest.raises(ValueError, match="cannot stop training"):
+            TrainConfig(early_stop_metric=name)
+    with pytest.raises(KeyError, match="no validation metric 'gauc_ctr'"):  # not computed: no user_key
+        validation_score({"ctr_auc": 0.7}, TrainConfig(early_stop_metric="gauc_ctr"))
     assert parse_overrides(["train.patience=3", "model.lr=0.5"]) == ({"patience": 3}, {"lr": 0.5})
     with pytest.raises(ValueError, match="train.<name> or model.<name>"):
         parse_overrides(["optim.lr=1"])
     with pytest.raises(ValueError, match="patiance"):
         make_train_config({"patiance": 2})
     assert make_train_config({"patience": 4}, epochs=2, seed=9).patience == 4
+
+
+def test_validation_score_leaves_out_terms_undefined_on_the_split(caplog):
+    cfg = TrainConfig()  # ctr_auc,ctcvr_auc
+    assert validation_score({"ctr_auc": 0.7, "ctcvr_auc": 0.9}, cfg) == pytest.approx(0.8)
+    notes = ["ctcvr_auc: only label 0 in its sample space (600 rows), NaN", "pcoc_cvr_clicked: no positives"]
+    with caplog.at_level("WARNING"):
+        assert validation_score({"ctr_auc": 0.7, "ctcvr_auc": float("nan"), "notes": notes}, cfg) == 0.7
+    assert "leaves out ['ctcvr_auc']" in caplog.text and "only label 0" in caplog.text
+    assert "pcoc_cvr_clicked" not in caplog.text
+    assert validation_score({"ctr_auc": None, "ctcvr_auc": 0.6}, cfg) == 0.6
+    with pytest.raises(ValueError, match="undefined on the validation split.*only label 0"):
+        validation_score({"ctr_auc": float("nan"), "ctcvr_auc": float("nan"), "notes": notes}, cfg)
+
+
+def test_early_stopping_with_an_undefined_metric_still_follows_the_defined_one(tmp_path):
+    """No conversion in the validation split: ctcvr_auc is NaN in every epoch; the stopping score
+    is ctr_auc alone, so the best epoch is not stuck at the first one."""
+    train, valid = loaders()
+    valid.data["conversion"] = torch.zeros_like(valid.data["conversion"])
+    result = fit(make_model(0), train, valid, quiet(epochs=3, seed=0), tmp_path / "r")
+    ctr = [h["valid"]["ctr_auc"] for h in result["history"]]
+    assert all(math.isnan(h["valid"]["ctcvr_auc"]) for h in result["history"])
+    assert [h["score"] for h in result["history"]] == ctr
+    assert result["best_epoch"] == int(np.argmax(ctr))
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    out = tmp_path / "run"
+    meta = {"model_name": "tiny", "model_options": {"lr": 0.05}, "job": {"data_dir": "/data/a"}}
+    fit(make_model(0), *loaders(), quiet(epochs=1, seed=4), out, meta=meta, record={"first": True})
+    assert json.loads((out / "config.json").read_text()) == {"first": True}
+    before = (out / "checkpoint.pt").read_bytes()
+    others = [(quiet(epochs=2, seed=5), meta, "train.seed: 4 -> 5"),
+              (quiet(epochs=2, seed=4, early_stop_metric="logloss_ctr"), meta, "train.early_stop_metric"),
+              (quiet(epochs=2, seed=4), {**meta, "model_options": {"lr": 0.5}}, "model.lr: 0.05 -> 0.5"),
+              (quiet(epochs=2, seed=4), {**meta, "job": {"data_dir": "/data/b"}}, "data_dir: '/data/a' -> '/data/b'")]
+    for cfg, other, message in others:
+        with pytest.raises(ValueError, match=f"written by another run.*{message}.*train.resume=false"):
+            fit(make_model(0), *loaders(), cfg, out, meta=other, record={"first": False})
+    train, valid = loaders()
+    train.table_version = 8  # the features table was rebuilt since
+    with pytest.raises(ValueError, match="table_version.train: 7 -> 8"):
+        fit(make_model(0), train, valid, quiet(epochs=2, seed=4), out, meta=meta)
+    assert (out / "checkpoint.pt").read_bytes() == before  # refused: nothing replaced
+    assert json.loads((out / "config.json").read_text()) == {"first": True}
+    # options that do not change a step may differ (more epochs, threads, logging) ...
+    result = fit(make_model(0), *loaders(), quiet(epochs=2, seed=4, num_threads=2, log_every=7), out, meta=meta)
+    assert result["epochs_run"] == 2 and result["history"][0]["epoch"] == 0  # epoch 0 resumed, not retrained
+    # ... and resume=false starts over
+    result = fit(make_model(0), *loaders(), quiet(epochs=1, seed=5, resume=False), out, meta=meta)
+    assert result["epochs_run"] == 1 and ckpt.load_checkpoint(out)["config"]["seed"] == 5
 
 
 # ---- features on disk (the feature job's versioned Parquet layout) and a whole experiment ----
@@ -279,6 +334,62 @@ def test_experiment_end_to_end_in_process(tmp_path, capsys):
     assert _job("evaluate")(["--run", str(out / "esmm" / "seed1" / "checkpoint.pt"), "--data", str(data)]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["metrics"]["ctr_auc"] == pytest.approx(test_auc[0], abs=1e-12)
+
+
+def test_train_command_checks_its_arguments_before_training(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from cvr_spark.cli import main
+
+    data, out = write_features(tmp_path / "data"), tmp_path / "runs"
+    base = ["train", "--data", str(data), "--out", str(out), "--preset", "fast", "--epochs", "1"]
+    refused = [(["--model", "esmm,esmm"], "model(s) ['esmm'] given more than once"),
+               (["--model", "esmm", "--seeds", "3,1,3"], "seed(s) ['3'] given more than once"),
+               (["--model", "esmm,nope", "--seeds", "1,2"], "nope"),
+               (["--model", "esmm", "model.nope=2"], "override: key 'model.nope' of model 'esmm'"),
+               (["--model", "esmm", "train.early_stop_metric=pcoc_ctr"], "cannot stop training"),
+               (["--model", "esmm", "--data", str(tmp_path / "missing")], "missing")]
+    for extra, message in refused:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+    for seeds in ("1,a", ","):
+        with pytest.raises(SystemExit) as stop:
+            main(base + ["--model", "esmm", "--seeds", seeds])
+        assert stop.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(base + ["--model", "esmm", "--use-gpu"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not out.exists(), "a refused command must not train anything"
+
+
+def test_evaluate_reads_the_table_version_the_run_trained_on(tmp_path, caplog):
+    import shutil
+
+    from cvr_spark.train.experiment import run_evaluate, run_train
+
+    data = write_features(tmp_path / "data")
+    run_train(data, ["esmm"], [1], "fast", 1, out_dir=tmp_path / "runs",
+              overrides=["train.progress=false", "train.num_threads=1", "model.batch_size=200"])
+    run = tmp_path / "runs" / "esmm" / "seed1"
+    v0_test = pq.read_table(data / "features" / "v=0" / "split=test").num_rows
+    # the feature job ran again: version 1 (half the test rows) is now the manifest's
+    for part in (data / "features" / "v=0").glob("split=*/*.parquet"):
+        table = pq.read_table(part)
+        dest = data / "features" / "v=1" / part.parent.name / part.name
+        dest.parent.mkdir(parents=True)
+        pq.write_table(table.slice(0, table.num_rows // 2), dest)
+    (data / "features" / "_latest").write_text("1")
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["tables"]["features"]["version"] = 1
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    result = run_evaluate(run, data)
+    assert result["table_version"] == 0 and result["metrics"]["n_impressions"] == v0_test
+    shutil.copytree(data, tmp_path / "copy")  # another folder: its manifest's version, with a warning
+    with caplog.at_level("WARNING"):
+        result = run_evaluate(run, tmp_path / "copy")
+    assert result["table_version"] == 1 and result["metrics"]["n_impressions"] == v0_test // 2
+    assert "not the run's training data" in caplog.text
 
 
 class FakeMlflow:

@@ -93,8 +93,7 @@ def pretrain_ctr(data_dir: str, out_dir: str | Path, cfg: PretrainConfig,
            "preset": cfg.preset, "purpose": "cstwa graph pre-training"}
     meta = {"model_name": cfg.model, "model_options": options, "spec": spec_to_dict(spec), "job": job}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(plain({**meta, "train": dataclasses.asdict(tcfg)}), indent=2))
-    result = fit(model, train, valid, tcfg, out, meta=meta)
+    result = fit(model, train, valid, tcfg, out, meta=meta, record={**meta, "train": dataclasses.asdict(tcfg)})
     (out / "metrics.json").write_text(json.dumps(plain({"model": cfg.model, "seed": cfg.seed, **result}),
                                                  indent=2, default=str))
     log.info("pre-trained %s: best epoch %d, valid ctr_auc %s", cfg.model, result["best_epoch"],

@@ -122,8 +122,10 @@ def preset_options(name: str, preset: str = "paper", overrides: Mapping[str, Any
     if preset not in blocks:
         raise KeyError(f"{path}: no preset '{preset}' (has: {sorted(blocks)})")
     merged = OmegaConf.structured(cls.config_cls)
-    try:
-        merged = OmegaConf.merge(merged, blocks[preset] or {}, dict(overrides or {}))
-    except OmegaConfBaseException as e:
-        raise ValueError(f"{path} [{preset}]: key '{e.full_key}': {str(e).splitlines()[0]}") from None
+    for source, values in ((f"{path} [{preset}]", blocks[preset] or {}), ("override", dict(overrides or {}))):
+        try:
+            merged = OmegaConf.merge(merged, values)
+        except OmegaConfBaseException as e:
+            key = f"model.{e.full_key}" if source == "override" else e.full_key
+            raise ValueError(f"{source}: key '{key}' of model '{name}': {str(e).splitlines()[0]}") from None
     return dataclasses.asdict(OmegaConf.to_object(merged))

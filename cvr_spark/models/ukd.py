@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from cvr_spark import losses as L
 from cvr_spark.models.base import MLP, Batch, CVRModel, EmbeddingArch, FeatureSpec, ModelConfig, head

@@ -14,7 +14,6 @@ Under ``local_mode=False`` the run folder must be on storage every executor can 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -99,15 +98,6 @@ def check_job(job: Mapping[str, Any]) -> None:
     walk(dict(job), "job")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    from cvr_spark.train.loop import plain
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(plain(obj), indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def graph_dir_for(data_dir: str | Path, graph_dir: Optional[str | Path] = None) -> Path:
     """Where a run's graphs live: ``graph_dir`` if given, else ``<data_dir>/graphs`` (the
     folder ``cvr-spark demo`` and the README's examples give the graph job's ``--output``)."""
@@ -168,7 +158,7 @@ def run_job(job: Mapping[str, Any], rank: int = 0, world_size: int = 1) -> dict:
     from cvr_spark.models.base import FeatureSpec
     from cvr_spark.train.checkpoint import seed_everything
     from cvr_spark.train.loader import FeatureLoader, load_manifest
-    from cvr_spark.train.loop import TrainConfig, fit, resolve_device
+    from cvr_spark.train.loop import TrainConfig, fit, resolve_device, write_json
 
     out = Path(job["out_dir"])
     manifest = load_manifest(job["data_dir"])
@@ -185,12 +175,10 @@ def run_job(job: Mapping[str, Any], rank: int = 0, world_size: int = 1) -> dict:
     valid = FeatureLoader(job["data_dir"], "valid", cfg.eval_batch_size, shuffle=False, **common)
     meta = {"model_name": job["model"], "model_options": dict(job["model_options"]),
             "spec": spec_to_dict(spec), "job": dict(job)}
+    record = {**meta, "train": dataclasses.asdict(cfg), "world_size": world_size}
+    result = fit(model, train, valid, cfg, out, rank=rank, world_size=world_size, meta=meta, record=record)
     if rank == 0:
-        _write_json(out / "config.json", {**meta, "train": dataclasses.asdict(cfg),
-                                          "world_size": world_size})
-    result = fit(model, train, valid, cfg, out, rank=rank, world_size=world_size, meta=meta)
-    if rank == 0:
-        _write_json(out / "metrics.json", {"model": job["model"], "seed": int(job["seed"]),
+        write_json(out / "metrics.json", {"model": job["model"], "seed": int(job["seed"]),
                                            "preset": job.get("preset"), "world_size": world_size, **result})
     return result
 

@@ -155,13 +155,31 @@ def _check_spec(saved: Any, current: Any, data_dir: str | Path) -> None:
                              f"checkpoint was trained with {getattr(saved, attr)}; evaluate on the same features")
 
 
+def _trained_version(state: Mapping[str, Any], data_dir: str | Path) -> Optional[int]:
+    """The features table version a run trained on, when ``data_dir`` is the folder it trained
+    from (a rebuilt table may re-index the vocabulary: the run's ids mean the old version's);
+    None (the manifest's version) for another folder or a checkpoint that does not say."""
+    job = (state.get("meta") or {}).get("job") or {}
+    trained = job.get("version")
+    if trained is None:
+        trained = (state.get("table_versions") or {}).get("train")
+    same = job.get("data_dir") is not None and Path(job["data_dir"]).resolve() == Path(data_dir).resolve()
+    if not same:
+        if job.get("data_dir") is not None:
+            log.warning("evaluating on %s, not the run's training data %s: reading the version its "
+                        "manifest names", data_dir, job["data_dir"])
+        return None
+    return None if trained is None else int(trained)
+
+
 def evaluate_run(target: str | Path, data_dir: str | Path, split: str = "test", *,
                  device: str = "auto", batch_size: int = 8192) -> dict:
     """Metrics of a run's best weights on ``split``; merged into the run's ``metrics.json``.
 
     Args:
         target: a run folder (holding ``checkpoint.pt``) or a checkpoint file.
-        data_dir: the feature job's output (manifest + features table).
+        data_dir: the feature job's output (manifest + features table). When it is the folder
+            the run trained from, the features table is read at the version the run trained on.
 
     Returns:
         ``model``, ``seed``, ``split``, ``metrics``, ``table_version``, ``truth_available``.
@@ -173,9 +191,9 @@ def evaluate_run(target: str | Path, data_dir: str | Path, split: str = "test", 
     from cvr_spark.models import registry
     from cvr_spark.models.base import FeatureSpec
     from cvr_spark.train.checkpoint import load_checkpoint
-    from cvr_spark.train.distributed import _write_json, attach_graphs, spec_from_dict
+    from cvr_spark.train.distributed import attach_graphs, spec_from_dict
     from cvr_spark.train.loader import FeatureLoader, load_manifest
-    from cvr_spark.train.loop import predict, resolve_device
+    from cvr_spark.train.loop import predict, resolve_device, write_json
 
     target = Path(target)
     run_dir = target if target.is_dir() else target.parent
@@ -189,7 +207,7 @@ def evaluate_run(target: str | Path, data_dir: str | Path, split: str = "test", 
     job = meta.get("job", {})
     attach_graphs(model.to(dev), data_dir, job.get("graph_dir"), job.get("graph_version"))
     loader = FeatureLoader(str(data_dir), split, batch_size, shuffle=False, spec=spec, device=dev,
-                           version=meta.get("job", {}).get("version"))
+                           version=_trained_version(state, data_dir))
     pred = predict(model, loader, dev)
     truth = load_truth(data_dir, manifest, pred["sample_id"])
     metrics = plain(compute_metrics(pred, cvr_key=model.cvr_output, ctcvr_key=model.ctcvr_output, truth=truth))
@@ -198,7 +216,7 @@ def evaluate_run(target: str | Path, data_dir: str | Path, split: str = "test", 
     record = json.loads(path.read_text()) if path.is_file() else {"model": meta["model_name"], "seed": seed}
     record[split] = metrics
     record.setdefault("table_versions", dict(state.get("table_versions") or {}))[split] = loader.table_version
-    _write_json(path, record)
+    write_json(path, record)
     return {"model": meta["model_name"], "seed": seed, "split": split, "metrics": metrics,
             "table_version": loader.table_version, "truth_available": truth is not None}
 
@@ -274,12 +292,25 @@ def run_train(data_dir: str | Path, models: Sequence[str], seeds: Sequence[int],
     from cvr_spark.train.loader import load_manifest
 
     train_over, model_over = parse_overrides(overrides)
-    FeatureSpec.from_manifest(load_manifest(data_dir))  # fail before any training
+    for what, values in (("model", models), ("seed", seeds)):  # a repeat would resume its twin's run
+        twice = sorted({str(v) for v in values if list(values).count(v) > 1})
+        if twice:
+            raise ValueError(f"{what}(s) {twice} given more than once; each (model, seed) is one run")
+    if not models or not seeds:
+        raise ValueError(f"nothing to train: models {list(models)}, seeds {list(seeds)}")
+    # Everything that can be checked is checked before the first run trains.
+    FeatureSpec.from_manifest(load_manifest(data_dir))
+    all_options = {name: preset_options(name, preset, model_over) for name in models}
     tracker = _mlflow_tracker(make_train_config(train_over, epochs=epochs).mlflow)
-    use_gpu = torch.cuda.is_available() if use_gpu is None else bool(use_gpu)
+    here = torch.cuda.is_available()
+    use_gpu = here if use_gpu is None else bool(use_gpu)
+    if use_gpu and not here and (processes == 1 or local_mode):
+        raise ValueError("use_gpu is set but this machine has no CUDA device (torch.cuda.is_available() is "
+                         "false); train without --use-gpu, or on GPU workers with --processes N --no-local-mode")
+    eval_device = "cuda" if use_gpu and here else "cpu"  # cluster mode: the driver may have no GPU
     out, results = Path(out_dir).resolve(), []
     for name in models:
-        options = preset_options(name, preset, model_over)
+        options = all_options[name]
         for seed in seeds:
             cfg = make_train_config(train_over, epochs=epochs, seed=seed)
             job = {"data_dir": str(Path(data_dir).resolve()), "model": name, "preset": preset,
@@ -289,7 +320,7 @@ def run_train(data_dir: str | Path, models: Sequence[str], seeds: Sequence[int],
                 where = graph_dir_for(data_dir, graph_dir).resolve()
                 job.update(graph_dir=str(where), graph_version=pin_graph_version(where, graph_version))
             run_dir = Path(train_distributed(job, processes, use_gpu, local_mode))
-            result = evaluate_run(run_dir, data_dir, "test", device="cuda" if use_gpu else "cpu")
+            result = evaluate_run(run_dir, data_dir, "test", device=eval_device)
             results.append({**result, "run_dir": str(run_dir)})
             if tracker is not None:
                 _log_mlflow(tracker, result, run_dir)

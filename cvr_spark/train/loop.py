@@ -38,6 +38,14 @@ from cvr_spark.train.optim import make_optimizer, prepare_ddp
 log = logging.getLogger(__name__)
 
 OUTPUT_KEYS = ("p_ctr", "p_cvr", "p_ctcvr")
+# Validation metrics early stopping can use: scalar, observable (no simulator truth), and best
+# at an extreme (not PCOC, best at 1). See cvr_spark.evaluate.metrics.METRIC_SPACES.
+STOPPING_METRICS = ("ctr_auc", "cvr_auc_clicked", "cvr_auc_all", "ctcvr_auc", "gauc_ctr",
+                    "logloss_ctr", "logloss_cvr_clicked", "logloss_ctcvr")
+# Train options a resumed run may change: they do not change what a step computes.
+RESUMABLE_CHANGES = frozenset({"epochs", "patience", "max_steps", "log_every", "checkpoint_every", "resume",
+                               "num_threads", "eval_batch_size", "in_memory", "progress", "mlflow",
+                               "find_unused_parameters", "tune_malloc", "device", "metric_names"})
 PASSTHROUGH_KEYS = ("click", "conversion", "user_key", "item_key", "sample_id")
 
 
@@ -91,6 +99,11 @@ class TrainConfig:
         self.metric_names = [m.strip() for m in self.early_stop_metric.split(",") if m.strip()]
         if not self.metric_names:
             raise ValueError("train.early_stop_metric names no metric")
+        unknown = [m for m in self.metric_names if m not in STOPPING_METRICS]
+        if unknown:
+            raise ValueError(f"train.early_stop_metric: {unknown} cannot stop training (validation metrics "
+                             f"that can: {', '.join(STOPPING_METRICS)}; PCOC is best at 1, not at an "
+                             "extreme, and the simulator's truth is not a validation signal)")
         if self.early_stop_mode == "auto":
             lower_is_better = all("logloss" in m or m.endswith("mae") for m in self.metric_names)
             self.early_stop_mode = "min" if lower_is_better else "max"
@@ -159,19 +172,36 @@ def predict(model: nn.Module, loader: Iterable[Mapping[str, Tensor]],
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def _defined(value: Any) -> bool:
+    return value is not None and math.isfinite(float(value))
+
+
 def validation_score(metrics: Mapping[str, Any], cfg: TrainConfig) -> float:
-    """Mean of the early-stopping metrics (NaN if any is missing a value, e.g. a one-class AUC).
+    """Mean of the early-stopping metrics that are defined on the validation split.
+
+    A metric can be undefined (NaN) whatever the model predicts: an AUC whose sample space has one
+    class only (e.g. ``ctcvr_auc`` on a small validation split without a conversion). Such a term
+    depends on the labels only, so it is undefined in every epoch: it is left out of the mean
+    (with a warning) and the epochs stay comparable. Left in, it would make every score NaN and
+    pin the best epoch to the first one.
 
     Raises:
         KeyError: a metric name is not in ``metrics`` (the message lists the available names).
+        ValueError: none of the metrics is defined on the validation split.
     """
-    values = []
     for name in cfg.metric_names:
         if name not in metrics:
             raise KeyError(f"train.early_stop_metric: no validation metric '{name}' "
                            f"(available: {sorted(metrics)})")
-        v = metrics[name]
-        values.append(float("nan") if v is None else float(v))
+    values = [float(metrics[n]) for n in cfg.metric_names if _defined(metrics[n])]
+    undefined = [n for n in cfg.metric_names if not _defined(metrics[n])]
+    notes = "; ".join(n for n in metrics.get("notes") or [] if n.split(":")[0] in undefined)
+    if not values:
+        raise ValueError(f"train.early_stop_metric={cfg.early_stop_metric}: undefined on the validation split "
+                         f"({notes or 'NaN'}); stop on a metric the split supports, e.g. "
+                         "train.early_stop_metric=ctr_auc or logloss_ctr")
+    if undefined:
+        log.warning("early stopping leaves out %s, undefined on the validation split (%s)", undefined, notes or "NaN")
     return float(np.mean(values))
 
 
@@ -211,7 +241,8 @@ class LoopState:
 
 
 def fit(model: CVRModel, train_loader: Any, valid_loader: Any, cfg: TrainConfig, out_dir: str | Path,
-        *, rank: int = 0, world_size: int = 1, meta: Optional[Mapping[str, Any]] = None) -> dict:
+        *, rank: int = 0, world_size: int = 1, meta: Optional[Mapping[str, Any]] = None,
+        record: Optional[Mapping[str, Any]] = None) -> dict:
     """Train ``model`` with early stopping on ``valid_loader``; returns the run summary.
 
     Args:
@@ -221,6 +252,8 @@ def fit(model: CVRModel, train_loader: Any, valid_loader: Any, cfg: TrainConfig,
         cfg: loop settings. out_dir: where ``checkpoint.pt`` lives (rank 0 writes it).
         rank / world_size: this process under DDP (the process group must be initialised).
         meta: plain values stored in the checkpoint (model name, options, spec, job).
+        record: written by rank 0 to ``out_dir/config.json`` once a checkpoint found there is
+            known to belong to this run (so a refused resume leaves the old record in place).
 
     Returns:
         ``best_epoch``, ``best_score``, ``valid`` (best epoch's metrics), ``history``,
@@ -229,8 +262,38 @@ def fit(model: CVRModel, train_loader: Any, valid_loader: Any, cfg: TrainConfig,
 
     Raises:
         FloatingPointError: a non-finite loss (names epoch, step and loss terms).
+        ValueError: ``out_dir`` holds a checkpoint of another run (other model options, train
+            options, data or table versions) and ``cfg.resume`` is true.
     """
-    return _Trainer(model, train_loader, valid_loader, cfg, Path(out_dir), rank, world_size, meta).run()
+    trainer = _Trainer(model, train_loader, valid_loader, cfg, Path(out_dir), rank, world_size, meta)
+    if record is not None and rank == 0:
+        write_json(Path(out_dir) / "config.json", record)
+    return trainer.run()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """``obj`` (made plain: numpy values as Python ones) as JSON at ``path``, written atomically."""
+    from cvr_spark.tables import write_json_atomic
+
+    write_json_atomic(path, plain(obj))
+
+
+def run_identity(config: Mapping[str, Any], meta: Mapping[str, Any], table_versions: Mapping[str, Any]) -> dict:
+    """What a checkpoint must share with a run to be resumed by it: the model and its options,
+    the feature spec, the data folder and graph version, the train options other than
+    :data:`RESUMABLE_CHANGES`, and the feature table versions (flat dotted keys)."""
+    job = meta.get("job") or {}
+    out = {f"train.{k}": v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+    out.update({f"model.{k}": v for k, v in (meta.get("model_options") or {}).items()})
+    out.update({f"table_version.{k}": v for k, v in table_versions.items()})
+    for key in ("data_dir", "graph_dir", "graph_version"):
+        if key in job:
+            out[key] = job[key]
+    if "model_name" in meta:
+        out["model"] = meta["model_name"]
+    if "spec" in meta:
+        out["spec"] = meta["spec"]
+    return plain(out)
 
 
 def plain(obj: Any) -> Any:
@@ -292,8 +355,22 @@ class _Trainer:
             return self.module
         return wrap_ddp(self.module, self.optimizer, self.device, self.cfg.find_unused_parameters)
 
+    def _check_same_run(self, state: Mapping[str, Any]) -> None:
+        """Raises ValueError when the checkpoint was written by another run (see :func:`run_identity`)."""
+        saved = run_identity(state.get("config") or {}, state.get("meta") or {}, state.get("table_versions") or {})
+        now = run_identity(dataclasses.asdict(self.cfg), self.meta, self.table_versions)
+        diffs = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(set(saved) & set(now))
+                 if saved[k] != now[k] and k != "spec"]
+        if saved.get("spec") is not None and now.get("spec") is not None and saved["spec"] != now["spec"]:
+            diffs.append("the feature spec (fields or vocabulary sizes)")
+        if diffs:
+            raise ValueError(f"{self.path} was written by another run ({'; '.join(diffs)}): train into a new "
+                             "output folder, or set train.resume=false to start this run over (its "
+                             "checkpoint is then replaced)")
+
     def _resume(self) -> None:
         state = ckpt.load_checkpoint(self.path, map_location="cpu")
+        self._check_same_run(state)
         loop = LoopState.from_dict(state["loop"])
         saved_ws = int(state.get("world_size", 1))
         if loop.batch and saved_ws != self.world_size:
@@ -301,6 +378,8 @@ class _Trainer:
                              f"{self.world_size} ranks would change the shards (resume with {saved_ws})")
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.rank != 0:  # the checkpoint holds the epoch's partial sums over every rank
+            loop.loss_sum, loop.samples = 0.0, 0
         self.state, self.best_weights = loop, state.get("best_model")
         rngs = state.get("rng") or []
         if self.rank < len(rngs):
@@ -428,12 +507,18 @@ class _Trainer:
         from cvr_spark.train import distributed as dd
 
         rng = ckpt.capture_rng()
-        rngs = dd.gather_objects(rng, self.rank, self.world_size) if self.world_size > 1 else [rng]
+        loop = self.state.to_dict()
+        if self.world_size > 1:  # every rank's RNG state; the epoch's partial sums over every rank
+            rngs = dd.gather_objects(rng, self.rank, self.world_size)
+            loop["loss_sum"], samples = dd.all_reduce_sum([loop["loss_sum"], loop["samples"]], self.device)
+            loop["samples"] = int(samples)
+        else:
+            rngs = [rng]
         if self.rank != 0:
             return
         ckpt.save_checkpoint(self.path, {
             "model": ckpt.cpu_state_dict(self.module), "optimizer": self.optimizer.state_dict(),
-            "best_model": self.best_weights, "loop": plain(self.state.to_dict()), "rng": rngs,
+            "best_model": self.best_weights, "loop": plain(loop), "rng": rngs,
             "epoch": self.state.epoch, "step": self.state.step, "config": dataclasses.asdict(self.cfg),
             "table_versions": self.table_versions, "world_size": self.world_size, "meta": self.meta,
         })

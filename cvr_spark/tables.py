@@ -32,6 +32,82 @@ def _remote(path: str) -> bool:
     return "://" in path or path.startswith("dbfs:")
 
 
+def local_path(path: str | Path) -> Optional[str]:
+    """``path`` on this machine's file system (``file:`` URIs included), or None for a remote URI
+    (``s3://``, ``hdfs://``, ``abfss://``, ``dbfs:`` ...), which Python's file functions cannot open."""
+    path = str(path)
+    if path.startswith("file://"):
+        return path[len("file://"):] or "/"
+    if path.startswith("file:"):
+        return path[len("file:"):]
+    return None if _remote(path) else path
+
+
+def join(base: str | Path, *names: str) -> str:
+    """``base/names...`` as text: unlike ``pathlib.Path``, keeps a URI's ``//`` (``s3://b/x``)."""
+    out = str(base)
+    for name in names:
+        out = out.rstrip("/") + "/" + name
+    return out
+
+
+def _hadoop_fs(spark: Any, path: str) -> tuple[Any, Any]:
+    if spark is None or getattr(spark, "_jvm", None) is None:
+        raise ValueError(f"writing to the remote path {path} needs a classic SparkSession (the JVM's "
+                         "Hadoop file system); under Spark Connect give a local or mounted path (/dbfs/, /Volumes/)")
+    hpath = spark._jvm.org.apache.hadoop.fs.Path(path)
+    return hpath.getFileSystem(spark._jsc.hadoopConfiguration()), hpath
+
+
+def write_text(path: str | Path, text: str, spark: Any = None) -> None:
+    """Write ``text`` to ``path``: a local path (or ``file:`` URI) through a temp file and
+    ``os.replace`` (readers see the old file or the new one); a remote URI through Spark's Hadoop
+    file system, as a temp file renamed over the old one (delete, then rename: object stores have
+    no atomic replace)."""
+    local = local_path(path)
+    if local is not None:
+        target = Path(local)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        return
+    _hadoop_write_text(spark, str(path), text)
+
+
+def _hadoop_write_text(spark: Any, path: str, text: str) -> None:
+    fs, target = _hadoop_fs(spark, path)
+    tmp = spark._jvm.org.apache.hadoop.fs.Path(target.getParent(), f".{target.getName()}.tmp")
+    stream = fs.create(tmp, True)
+    try:
+        stream.write(bytearray(text.encode("utf-8")))
+    finally:
+        stream.close()
+    if fs.exists(target):
+        fs.delete(target, False)
+    if not fs.rename(tmp, target):
+        raise OSError(f"could not rename {tmp.toString()} to {path}")
+
+
+def read_text(path: str | Path, spark: Any = None) -> Optional[str]:
+    """The text of the file at ``path`` (local, ``file:`` or remote through Spark), None if absent."""
+    local = local_path(path)
+    if local is not None:
+        return Path(local).read_text() if Path(local).exists() else None
+    fs, target = _hadoop_fs(spark, str(path))
+    if not fs.exists(target):
+        return None
+    stream = fs.open(target)
+    try:
+        reader = spark._jvm.java.io.BufferedReader(spark._jvm.java.io.InputStreamReader(stream, "UTF-8"))
+        return "\n".join(iter(reader.readLine, None))
+    finally:
+        stream.close()
+
+
 def is_delta(path: str | Path, spark: Any = None) -> bool:
     """True if ``path`` holds a Delta table (remote paths are asked through ``spark``)."""
     path = str(path)
@@ -41,7 +117,7 @@ def is_delta(path: str | Path, spark: Any = None) -> bool:
         from delta.tables import DeltaTable
 
         return bool(DeltaTable.isDeltaTable(spark, path))
-    return (Path(path) / "_delta_log").is_dir()
+    return (Path(local_path(path)) / "_delta_log").is_dir()
 
 
 def table_version(spark, path: str | Path, fmt: str = "delta") -> Optional[int]:
@@ -51,16 +127,17 @@ def table_version(spark, path: str | Path, fmt: str = "delta") -> Optional[int]:
     if fmt == "delta":
         if not is_delta(path, spark):
             return None
-        if not _remote(path):  # the newest commit file, without a Spark job
-            commits = [int(p.stem) for p in (Path(path) / "_delta_log").glob("*.json") if p.stem.isdigit()]
+        if local_path(path) is not None:  # the newest commit file, without a Spark job
+            log_dir = Path(local_path(path)) / "_delta_log"
+            commits = [int(p.stem) for p in log_dir.glob("*.json") if p.stem.isdigit()]
             if commits:
                 return max(commits)
         from delta.tables import DeltaTable
 
         row = DeltaTable.forPath(spark, path).history(1).select("version").first()
         return int(row["version"])
-    pointer = Path(path) / _LATEST
-    return int(pointer.read_text().strip()) if pointer.exists() else None
+    pointer = read_text(join(path, _LATEST), spark)
+    return int(pointer.strip()) if pointer is not None else None
 
 
 def write_table(
@@ -89,10 +166,8 @@ def write_table(
     writer = df.write.mode("overwrite")
     if partition_by:
         writer = writer.partitionBy(*partition_by)
-    writer.parquet(os.path.join(path, f"v={version}"))
-    tmp = Path(path) / f".{_LATEST}.tmp"
-    tmp.write_text(str(version))
-    os.replace(tmp, Path(path) / _LATEST)
+    writer.parquet(join(path, f"v={version}"))
+    write_text(join(path, _LATEST), str(version), spark)
     return version
 
 
@@ -115,7 +190,7 @@ def read_table(spark, path: str | Path, fmt: str = "delta", version: Optional[in
         version = table_version(spark, path, "parquet")
         if version is None:
             raise FileNotFoundError(f"no Parquet table at {path} (no {_LATEST} pointer)")
-    return spark.read.parquet(os.path.join(path, f"v={version}"))
+    return spark.read.parquet(join(path, f"v={version}"))
 
 
 def parquet_files(path: str | Path, fmt: str = "delta", version: Optional[int] = None) -> list[str]:
@@ -184,14 +259,7 @@ def even_files(df, partition_col: str, rows_by_value: dict[str, int], rows_per_f
     return keyed.repartition(total, "_file_key").drop("_file_key")
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temp file in the same folder and ``os.replace``:
-    readers see the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_json_atomic(path: str | Path, obj: Any, spark: Any = None) -> None:
+    """Write ``obj`` as JSON to ``path`` with :func:`write_text` (local: temp file + ``os.replace``,
+    readers see the old file or the new one; remote URIs through ``spark``'s Hadoop file system)."""
+    write_text(path, json.dumps(obj, indent=2, default=str), spark)

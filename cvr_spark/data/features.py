@@ -31,7 +31,6 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import reduce
-from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
 
 from pyspark import StorageLevel
@@ -40,7 +39,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, NumericType, StringType
 
 from cvr_spark.data.fields import ITEM_KEY_FIELD, USER_KEY_FIELD, FieldInfo
-from cvr_spark.tables import FORMATS, even_files, write_json_atomic, write_table
+from cvr_spark.tables import FORMATS, even_files, join, write_json_atomic, write_table
 
 LABELS = ("click", "conversion", "ctcvr", "ctnocvr")
 SPLITS = ("train", "valid", "test")
@@ -378,14 +377,14 @@ def _sum_by(counts: dict[tuple[str, str], int], pos: int) -> dict[str, int]:
 def publish_tables(cfg: FeaturesConfig, table: DataFrame, vocab: DataFrame, rejects: DataFrame,
                    rows_per_split: dict[str, int], vocab_rows: int, reject_rows: int) -> dict[str, dict]:
     """Write features (partitioned by split), vocab and rejects; return {name: {path, format, version}}."""
-    out = Path(cfg.output)
+    out = cfg.output  # text, not Path: keeps the // of s3://, hdfs://, file:// outputs
     files = (lambda n: max(1, math.ceil(n / cfg.rows_per_file)))
     laid = even_files(table.drop(INPUT_SPLIT), "split", rows_per_split, cfg.rows_per_file, "sample_id", cfg.seed)
-    versions = {"features": write_table(laid, out / "features", cfg.format, partition_by=["split"])}
-    versions["vocab"] = write_table(vocab, out / "vocab", cfg.format, num_files=files(vocab_rows))
+    versions = {"features": write_table(laid, join(out, "features"), cfg.format, partition_by=["split"])}
+    versions["vocab"] = write_table(vocab, join(out, "vocab"), cfg.format, num_files=files(vocab_rows))
     rej = rejects.select(F.col("source_file").cast("string"), F.col("line").cast("string"),
                          F.col("reason").cast("string"), F.col(INPUT_SPLIT).cast("string"))
-    versions["rejects"] = write_table(rej, out / "rejects", cfg.format, num_files=files(reject_rows))
+    versions["rejects"] = write_table(rej, join(out, "rejects"), cfg.format, num_files=files(reject_rows))
     return {name: {"path": name, "format": cfg.format, "version": v} for name, v in versions.items()}
 
 
@@ -491,7 +490,7 @@ def build_features(cfg: FeaturesConfig, data: SourceLike) -> dict:
         facts = {"rows_in": rows_in, "rejects": _sum_by(reject_counts, 1), "accounting": accounting,
                  "split": split_info, "tables": tables}
         manifest = build_manifest(cfg, data, sizes, stats, facts)
-        write_json_atomic(Path(cfg.output) / "manifest.json", manifest)
+        write_json_atomic(join(cfg.output, "manifest.json"), manifest, table.sparkSession)
         return manifest
     finally:
         for df in held:

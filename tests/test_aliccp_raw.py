@@ -1,0 +1,82 @@
+"""The raw Ali-CCP parser on lines of real length and on bytes that are not UTF-8.
+
+Real Ali-CCP common-feature lines carry about 870 features per user (the multi-valued ``*_14``
+history); the hand-made fixture and the simulator write short ones. Expected values come from
+the lines as written here, never from the parser.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyspark.sql import functions as F
+
+from cvr_spark.data.sources import read_source
+
+SEP, ID, VAL = "\x01", "\x02", "\x03"
+
+
+def feature(field: str, fid: str, value: str = "1.0") -> str:
+    return f"{field}{ID}{fid}{VAL}{value}"
+
+
+def history(n: int) -> list[str]:
+    """``n`` multi-valued user features over the four ``*_14`` fields."""
+    fields = ("109_14", "110_14", "127_14", "150_14")
+    return [feature(fields[i % 4], f"h{i}", "0.5") for i in range(n)]
+
+
+def write_raw(folder: Path, skeleton: list[bytes], common: list[bytes]) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sample_skeleton_train.csv").write_bytes(b"\n".join(skeleton) + b"\n")
+    (folder / "common_features_train.csv").write_bytes(b"\n".join(common) + b"\n")
+    return str(folder)
+
+
+def line(*parts: str) -> bytes:
+    return ",".join(parts).encode()
+
+
+def test_real_length_common_lines_parse_and_a_bad_token_among_them_is_found(spark, tmp_path):
+    user = [feature("101", "u1"), feature("121", "g1"), *history(1500)]
+    broken = list(user)
+    broken[900] = "109_14" + ID + "h900" + VAL + "abc"  # a value that is not a number, deep in the line
+    common = [line("k1", str(len(user)), SEP.join(user)), line("k2", str(len(broken)), SEP.join(broken))]
+    items = [feature("205", "i1"), feature("301", "c1")]
+    skeleton = [line("1", "1", "0", "k1", "2", SEP.join(items)),
+                line("2", "0", "0", "k2", "2", SEP.join(items)),
+                line("3", "1", "1", "k1", "2", SEP.join(items))]
+    data = read_source(spark, "aliccp-raw", write_raw(tmp_path / "raw", skeleton, common), fields="full")
+    rows = {r["sample_id"]: r for r in data.train.collect()}
+    assert sorted(rows) == [1, 3]
+    assert rows[1]["101"] == "u1" and rows[1]["205"] == "i1" and rows[1]["301"] == "c1"
+    assert rows[1]["109_14"] == [f"h{i}" for i in range(0, 1500, 4)]  # list order kept
+    assert len(rows[1]["150_14"]) == 375
+    rejects = {(r["line"].split(",")[0], r["reason"]) for r in data.rejects.collect()}
+    assert rejects == {("2", "malformed_common_feature")}
+    assert data.input_rows() == {"train": 3}
+
+
+def test_bytes_that_are_not_utf8_are_rejected(spark, tmp_path):
+    items = SEP.join([feature("205", "i1"), feature("301", "c1")])
+    bad_item = SEP.join([feature("205", "i1"), feature("301", "c1")]).encode().replace(b"c1", b"\xff\xfe")
+    user = SEP.join([feature("101", "u1")])
+    bad_user = user.encode().replace(b"u1", b"\xc3(")
+    common = [line("k1", "1", user), b"k2,1," + bad_user]
+    skeleton = [line("1", "0", "0", "k1", "2", items),
+                b"2,0,0,k1,2," + bad_item,
+                line("3", "1", "0", "k2", "2", items),
+                line("4", "1", "0", "k1", "2", items)]
+    data = read_source(spark, "aliccp-raw", write_raw(tmp_path / "raw", skeleton, common))
+    assert sorted(r["sample_id"] for r in data.train.collect()) == [1, 4]
+    reasons = {r["line"].split(",")[0]: r["reason"] for r in data.rejects.collect()}
+    assert reasons == {"2": "invalid_utf8", "3": "malformed_common_feature"}
+    assert data.input_rows() == {"train": 4}
+
+
+def test_paddle_joined_bytes_that_are_not_utf8_are_rejected(spark, tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_bytes(b"1,1,0,101:u1,205:i1\n2,0,0,101:\xff\xfe,205:i1\n3,0,0,101:u2,205:i2\n")
+    data = read_source(spark, "paddle-joined", str(path), fields="aitm18")
+    assert data.train.count() == 2
+    assert [(r["reason"]) for r in data.rejects.select("reason").collect()] == ["invalid_utf8"]
+    assert data.rejects.where(F.col("line").startswith("2,")).count() == 1

@@ -78,7 +78,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from cvr_spark.demo import run_demo
 
     cfg = load_config(args.config, list(args.overrides))
-    run_demo(cfg, out_dir=args.out, rows=args.rows, rebuild=args.rebuild)
+    run_demo(cfg, out_dir=args.out, rows=args.rows, rebuild=args.rebuild, preset=args.preset)
     return 0
 
 
@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--rows", type=int, default=None)
     p.add_argument("--rebuild", action="store_true", help="rebuild every stage even if present")
+    p.add_argument("--preset", choices=["default", "small"], default=None,
+                   help="simulator preset (default: small); simulate.<knob>=v overrides apply on top")
     _common(p)
     p.set_defaults(func=cmd_demo)
     _add_train_commands(sub)

@@ -33,23 +33,6 @@ def summarize_manifest(manifest: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _register_truth(spark, manifest_path: Path, manifest: dict, truth_path: Path) -> dict:
-    """Name the simulator's truth table in the manifest (``tables.truth``), so evaluation
-    reports the ground-truth metrics (cvr_auc_true_all, calibration vs true p_cvr)."""
-    import os
-
-    from cvr_spark.tables import table_version
-
-    if not truth_path.exists() or "truth" in manifest.get("tables", {}):
-        return manifest
-    manifest["tables"]["truth"] = {"path": str(truth_path), "format": "delta",
-                                   "version": table_version(spark, truth_path, "delta")}
-    tmp = manifest_path.with_name(f".{manifest_path.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, manifest_path)
-    return manifest
-
-
 def demo_graph_config(feat_dir: Path, graph_dir: Path, force: bool = False):
     """The graph job as the demo runs it: pre-train the CTR model with the ``fast`` preset (at
     most 3 epochs), exact top-8 (FAISS on a GPU if one is seen). Unchanged inputs keep the
@@ -70,11 +53,26 @@ def _done(t0: float, what: str = "") -> None:
     print(f"      done in {time.time() - t0:.1f}s {what}", flush=True)
 
 
+def demo_simulation(cfg: Config, output: str, rows: int | None = None, preset: str | None = None) -> Any:
+    """The demo's simulator settings: preset ``preset`` (default ``small``, or a preset other than
+    the default given as ``simulate.preset``), every ``simulate.*`` knob set in ``cfg`` on top, rows
+    ``rows`` (else ``simulate.rows``, else :data:`DEMO_ROWS`)."""
+    import dataclasses
+
+    from cvr_spark.data.simulator import SimulateConfig
+
+    sim = cfg.simulate
+    if preset is None:  # `simulate.preset=default` cannot be told from no override: use --preset
+        preset = "small" if sim.preset == SimulateConfig.preset else sim.preset
+    chosen = dataclasses.replace(sim, preset=preset, output=output, rows=rows or sim.rows or DEMO_ROWS)
+    return chosen.resolved()
+
+
 def run_demo(cfg: Config, out_dir: str = "runs/demo", rows: int | None = None,
-             rebuild: bool = False, models: list[str] | None = None) -> dict:
+             rebuild: bool = False, models: list[str] | None = None, preset: str | None = None) -> dict:
     """Run the whole pipeline on simulated data; returns the paths of what it built."""
     from cvr_spark.data.features import run_features
-    from cvr_spark.data.simulator import preset_config, simulate
+    from cvr_spark.data.simulator import simulate
     from cvr_spark.graph.job import run_graph
     from cvr_spark.spark import get_spark
 
@@ -89,7 +87,7 @@ def run_demo(cfg: Config, out_dir: str = "runs/demo", rows: int | None = None,
 
     t0 = _stage(f"simulate -> {raw_dir}", 1, n_stages)
     if rebuild or not (raw_dir / "summary.json").exists():
-        sim_cfg = preset_config("small", output=str(raw_dir), rows=rows or DEMO_ROWS, seed=cfg.simulate.seed)
+        sim_cfg = demo_simulation(cfg, str(raw_dir), rows, preset)
         summary = simulate(spark, sim_cfg)
         (raw_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         _done(t0)
@@ -106,7 +104,6 @@ def run_demo(cfg: Config, out_dir: str = "runs/demo", rows: int | None = None,
     else:
         manifest = json.loads(manifest_path.read_text())
         _done(t0, "(reused)")
-    manifest = _register_truth(spark, manifest_path, manifest, raw_dir / "truth")
     print(summarize_manifest(manifest))
 
     t0 = _stage(f"graph (pre-train CTR, FAISS top-K) -> {graph_dir}", 3, n_stages)

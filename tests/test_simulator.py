@@ -184,3 +184,29 @@ def test_merge_local_concatenates_parts_in_order(tmp_path):
     assert (tmp_path / "out.csv").read_text() == "a\nb\n"
     _merge_local(str(tmp_path / "absent"), str(tmp_path / "empty.csv"))
     assert (tmp_path / "empty.csv").read_text() == ""
+
+
+def test_demo_simulation_takes_every_simulate_override():
+    from cvr_spark.config import load_config
+    from cvr_spark.demo import DEMO_ROWS, demo_simulation
+
+    sim = demo_simulation(load_config([], ["simulate.selection_bias=1.0", "simulate.seed=3"]), "/x")
+    small = preset_config("small")
+    assert (sim.preset, sim.selection_bias, sim.seed, sim.rows, sim.output) == ("small", 1.0, 3, DEMO_ROWS, "/x")
+    assert sim.users == small.users and sim.ctr_level == small.ctr_level
+    sim = demo_simulation(load_config([], ["simulate.rows=5000", "simulate.users=77"]), "/x", preset="default")
+    assert (sim.preset, sim.rows, sim.users, sim.ctr_level) == ("default", 5000, 77, 0.04)
+    assert demo_simulation(load_config([], ["simulate.rows=5000"]), "/x", rows=900).rows == 900
+
+
+def test_feature_job_registers_the_simulators_truth_table(spark, default_run, small_run, tmp_path):
+    from cvr_spark.data.features import FeaturesConfig, simulator_truth
+
+    for (_, out, *_), fmt in ((default_run, "delta"), (small_run, "parquet")):
+        entry = simulator_truth(spark, FeaturesConfig(source="aliccp-raw", input=str(out), output="o"))
+        assert entry == {"path": f"{out.resolve()}/truth", "format": fmt, "version": 0}
+    out = default_run[1]
+    assert simulator_truth(spark, FeaturesConfig(source="aitm-csv", input=str(out), output="o")) is None
+    other = FeaturesConfig(source="aliccp-raw", input=str(out), output="o", test_input=str(tmp_path))
+    assert simulator_truth(spark, other) is None  # the test ids come from another folder
+    assert simulator_truth(spark, FeaturesConfig(source="aliccp-raw", input=str(tmp_path), output="o")) is None

@@ -10,8 +10,10 @@ accounting, then publishes ``features/``, ``vocab/``, ``rejects/`` and, last and
 Decisions where the spec is silent:
 
 * A source-provided valid frame replaces the carve-out: the train input is then all train.
-* Random split: ``valid`` iff ``u(sample_id, seed) < valid_fraction``, ``u`` the top-53-bit
-  fraction of ``xxhash64(sample_id, seed)``; independent of partitioning and row order.
+* Random split: ``valid`` iff ``u(key, seed) < valid_fraction``, ``u`` the top-53-bit
+  fraction of ``xxhash64(key, seed)``, ``key`` the source's ``_split_key`` column (raw id, or a
+  hash of file name and line for sources without ids, whose generated ``sample_id`` depends on
+  the partitioning) else ``sample_id``; independent of partitioning, cores and row order.
 * ``split_column`` split: rows of the train input with value >= the (1 - valid_fraction)
   ``percentile_approx`` (accuracy ``quantile_accuracy``) are valid; nulls stay train.
 * Missing multi-valued fields encode as an empty array; null elements inside an array as 0.
@@ -19,7 +21,9 @@ Decisions where the spec is silent:
 * The label contract is checked (0/1, conversion <= click) in the statistics pass; rows
   that break it are an error, never silently dropped (the reader rejects them).
 * The rejects table keeps the reader's ``line`` as a string (the raw line text).
-* Manifest table paths are relative to ``cfg.output`` (the folder can be moved).
+* Manifest table paths are relative to ``cfg.output`` (the folder can be moved), except the
+  simulator's truth table (``tables.truth``, absolute), registered when a raw Ali-CCP input
+  folder holds one (``cvr-spark simulate`` writes ``<output>/truth``).
 * Publishing order: features, vocab, rejects, manifest. A run that fails part-way may leave
   a new version in some tables, but the manifest still names the previous versions, which
   stay readable (Delta time travel / Parquet ``v=<N>`` folders).
@@ -31,6 +35,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import reduce
+from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
 
 from pyspark import StorageLevel
@@ -39,12 +44,15 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, NumericType, StringType
 
 from cvr_spark.data.fields import ITEM_KEY_FIELD, USER_KEY_FIELD, FieldInfo
-from cvr_spark.tables import FORMATS, even_files, join, write_json_atomic, write_table
+from cvr_spark.tables import FORMATS, even_files, join, local_path, table_version, write_json_atomic, write_table
 
 LABELS = ("click", "conversion", "ctcvr", "ctnocvr")
 SPLITS = ("train", "valid", "test")
 INPUT_SPLIT = "input_split"
 ROW_ID = "_row"
+# The random split hashes this column when the source provides it (cvr_spark.data.sources: the raw
+# id, or for sources without ids a hash of the file name and the line), else ``sample_id``.
+SPLIT_KEY = "_split_key"
 _BITS53 = (1 << 53) - 1
 
 
@@ -302,7 +310,7 @@ def assign_split(df: DataFrame, valid_fraction: float, seed: int, split_column: 
             threshold = split_threshold(df.where(src == "train"), split_column, valid_fraction)
         to_valid = F.coalesce(F.col(split_column) >= F.lit(threshold), F.lit(False))
     else:
-        to_valid = unit_hash(seed) < F.lit(float(valid_fraction))
+        to_valid = unit_hash(seed, SPLIT_KEY if SPLIT_KEY in df.columns else "sample_id") < F.lit(float(valid_fraction))
     split = F.when(src == "train", F.when(to_valid, F.lit("valid")).otherwise(F.lit("train"))).otherwise(src)
     return df.withColumn("split", split)
 
@@ -386,6 +394,22 @@ def publish_tables(cfg: FeaturesConfig, table: DataFrame, vocab: DataFrame, reje
                          F.col("reason").cast("string"), F.col(INPUT_SPLIT).cast("string"))
     versions["rejects"] = write_table(rej, join(out, "rejects"), cfg.format, num_files=files(reject_rows))
     return {name: {"path": name, "format": cfg.format, "version": v} for name, v in versions.items()}
+
+
+def simulator_truth(spark: Any, cfg: FeaturesConfig) -> Optional[dict]:
+    """The simulator's truth table beside a raw Ali-CCP input (``<input>/truth``, written by
+    ``cvr-spark simulate``) as a manifest table entry (absolute path, format, current version),
+    so that evaluation reports the ground-truth metrics; None for other sources, when there is
+    none, or when the test pair comes from another folder (its ids are not in that truth)."""
+    if cfg.source != "aliccp-raw" or (cfg.test_input and cfg.test_input.rstrip("/") != cfg.input.rstrip("/")):
+        return None
+    local = local_path(cfg.input)
+    path = join(str(Path(local).resolve()) if local is not None else cfg.input, "truth")
+    for fmt in FORMATS:
+        version = table_version(spark, path, fmt)
+        if version is not None:
+            return {"path": path, "format": fmt, "version": version}
+    return None
 
 
 def build_manifest(cfg: FeaturesConfig, data: SourceLike, sizes: dict[str, int],
@@ -487,6 +511,9 @@ def build_features(cfg: FeaturesConfig, data: SourceLike) -> dict:
         rows_per_split = _sum_by({k: s["rows"] for k, s in stats.items()}, 1)
         tables = publish_tables(cfg, table, vocab, rejects, rows_per_split,
                                 sum(sizes.values()) - len(sizes), sum(reject_counts.values()))
+        truth = simulator_truth(table.sparkSession, cfg)
+        if truth is not None:
+            tables["truth"] = truth
         facts = {"rows_in": rows_in, "rejects": _sum_by(reject_counts, 1), "accounting": accounting,
                  "split": split_info, "tables": tables}
         manifest = build_manifest(cfg, data, sizes, stats, facts)

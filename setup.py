@@ -15,19 +15,22 @@ INSTALL_REQUIRES = [
     "PyYAML>=6.0",
     "torch>=2.2",
     "scikit-learn>=1.3",
-    "faiss-cpu>=1.8",
     "tqdm>=4.66",
     "matplotlib>=3.8",
 ]
 
 SPARK = ["pyspark==4.1.1", "delta-spark==4.4.0"]
+# FAISS (the graph job) comes as exactly one of two extras: faiss-cpu and faiss-gpu-cu12 install
+# the same ``faiss`` module, so a hard faiss-cpu requirement would clash with the gpu extra.
+FAISS_CPU = ["faiss-cpu>=1.8"]
 
 EXTRAS = {
     "spark": SPARK,
+    "cpu": FAISS_CPU,
     "gpu": ["faiss-gpu-cu12>=1.8"],
     "petastorm": ["petastorm>=0.12"],
     "mlflow": ["mlflow>=2.10"],
-    "dev": SPARK + ["pytest>=8", "pytest-timeout>=2.2"],
+    "dev": SPARK + FAISS_CPU + ["pytest>=8", "pytest-timeout>=2.2"],
 }
 
 setup(

@@ -6,7 +6,8 @@
 # MAGIC preset, model presets `fast`, one seed; stages whose output exists are reused unless
 # MAGIC `rebuild=true`), then the first model's run scores the test split
 # MAGIC (`cvr_spark.score.score_table`). For the production path run the stage notebooks
-# MAGIC (or the bundle's jobs) instead.
+# MAGIC (or the bundle's jobs) instead. The graph stage needs FAISS on the cluster: the wheel does
+# MAGIC not bring it; add `faiss-cpu` (or `faiss-gpu-cu12` on a GPU cluster) as a cluster library.
 
 # COMMAND ----------
 

@@ -6,7 +6,8 @@
 # MAGIC pre-trained here when it is empty) -> FAISS exact cosine top-K (on a GPU when present) ->
 # MAGIC sparsified, normalised `user_graph` / `item_graph` published as new table versions under
 # MAGIC `output`. Unchanged inputs keep the current version; a failed refresh leaves it current.
-# MAGIC The bundle's `graph_refresh` job runs this notebook daily.
+# MAGIC The bundle's `graph_refresh` job runs this notebook daily. FAISS is not in the wheel: the
+# MAGIC bundle's graph tasks install `faiss-gpu-cu12`; elsewhere add `faiss-cpu` as a cluster library.
 
 # COMMAND ----------
 

@@ -58,12 +58,22 @@ def test_bundle_parses_and_names_its_targets(bundle):
         assert set(target.get("variables", {})) <= declared
 
 
+def test_graph_tasks_install_faiss_for_their_cluster(bundle):
+    """The wheel brings no FAISS (the cpu / gpu extras do): every graph task installs the one
+    its GPU cluster needs."""
+    graph = [task for _, _, task in _tasks(bundle) if task["notebook_task"]["notebook_path"].endswith("/graph")]
+    assert graph
+    for task in graph:
+        packages = [lib["pypi"]["package"] for lib in task["libraries"] if "pypi" in lib]
+        assert task["job_cluster_key"] == "gpu" and [p.split(">")[0] for p in packages] == ["faiss-gpu-cu12"]
+
+
 def test_wheel_artifact_and_libraries(bundle):
     (artifact,) = bundle["artifacts"].values()
     assert artifact["type"] == "whl" and "bdist_wheel" in artifact["build"]
     src = ROOT / artifact["path"]
     assert (src / "setup.py").is_file()
-    wheels = {lib["whl"] for _, _, task in _tasks(bundle) for lib in task.get("libraries", [])}
+    wheels = {lib["whl"] for _, _, task in _tasks(bundle) for lib in task.get("libraries", []) if "whl" in lib}
     assert wheels, "job tasks attach the wheel"
     for whl in wheels:  # the build output of the artifact: <path>/dist/*.whl
         assert (ROOT / Path(whl).parent).resolve() == (src / "dist").resolve() and whl.endswith(".whl")

@@ -52,8 +52,7 @@ def use_gpu(device: str) -> bool:
     Raises:
         ValueError: unknown device name. RuntimeError: ``gpu`` asked for but none is usable.
     """
-    import faiss
-
+    faiss = import_faiss()
     if device not in DEVICES:
         raise ValueError(f"graph.device must be one of {DEVICES}, got {device!r}")
     available = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
@@ -62,9 +61,19 @@ def use_gpu(device: str) -> bool:
     return device != "cpu" and available
 
 
+def import_faiss() -> Any:
+    """The ``faiss`` module. Raises ImportError naming the extras that bring it."""
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError("the graph job needs FAISS: pip install 'cvr-spark[cpu]' (faiss-cpu) or "
+                          "'cvr-spark[gpu]' (faiss-gpu-cu12), one of the two") from e
+    return faiss
+
+
 def build_index(vectors: np.ndarray, gpu: bool = False) -> Any:
     """An exact inner-product index over normalised ``vectors`` [N, C] (on GPU 0 if ``gpu``)."""
-    import faiss
+    faiss = import_faiss()
 
     index = faiss.IndexFlatIP(vectors.shape[1])
     if gpu:

@@ -12,19 +12,21 @@ min-count filter; ids drawn Zipf-like, ~4% clicks, ~10% of clicks converting), s
 timed. Settings: CPU with ``--threads`` (2), CUDA when present (fp32 and bf16 autocast), and
 DDP with 2 CPU processes (gloo, 1 thread each; samples/s summed over ranks). CSTWA gets a
 synthetic K=8 user/item graph (its Structure Migrator needs one). Target (reported, not
-asserted): >= 250k samples/s for ESMM on 2 CPU cores.
+asserted): >= 250k samples/s for ESMM on 2 CPU cores. The JSON also records the git commit,
+the command line, the UTC time and the machine (``_provenance.py``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import socket
 import time
 from typing import Any
 
 import torch
+
+import _provenance
 
 # Ali-CCP AITM-18 fields with approximate vocabulary sizes after the feature job's filter.
 VOCAB = {"101": 200_000, "121": 98, "122": 14, "124": 3, "125": 8, "126": 4, "127": 4, "128": 3,
@@ -186,12 +188,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=2000)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=50)
     p.add_argument("--settings", default="cpu,cuda,ddp", help="subset of cpu, cuda, ddp")
     p.add_argument("--embedding-optimizer", default=None, choices=("lazy_adam", "adam"),
                    help="override the presets' model.embedding_optimizer (default: the preset's)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
+    provenance = _provenance.run_info()
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
     models = [m for m in wanted if m in registry.names()]
     skipped = sorted(set(wanted) - set(models))
@@ -217,7 +220,8 @@ def main() -> None:
     if skipped:
         print(f"skipped (not registered): {', '.join(skipped)}")
     result = {"rows": rows, "skipped": skipped, "batch_size": args.batch_size, "steps": args.steps,
-              "vocab": VOCAB, "torch": torch.__version__, "machine": platform.machine(),
+              "warmup": args.warmup, "vocab": VOCAB, "torch": torch.__version__,
+              "provenance": provenance, "machine": _provenance.machine_info(("torch", "numpy")),
               "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     if args.out:

@@ -1,0 +1,85 @@
+"""The benchmarks' shared provenance block (benchmarks/_provenance.py): fast, no Spark, no torch."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+provenance = _load("_provenance")
+
+
+def test_run_info_keys_and_types():
+    info = provenance.run_info(["benchmarks/features.py", "--rows", "20000"])
+    assert set(info) == {"git", "command", "python", "cwd", "utc_time"}
+    assert set(info["git"]) == {"commit", "dirty", "dirty_paths"}
+    when = datetime.fromisoformat(info["utc_time"])
+    assert when.utcoffset() == timezone.utc.utcoffset(None)
+    assert abs((datetime.now(timezone.utc) - when).total_seconds()) < 60
+    json.dumps(info)  # serialisable as it is
+
+
+def test_git_state_in_this_repository():
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    except OSError:
+        pytest.skip("git is not installed")
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    state = provenance.git_state()
+    assert state["commit"] == head.stdout.strip() and len(state["commit"]) == 40
+    assert isinstance(state["dirty"], bool)
+    assert state["dirty"] == bool(state["dirty_paths"])
+
+
+def test_git_state_null_outside_a_repository(tmp_path):
+    assert provenance.git_state(tmp_path) == {"commit": None, "dirty": None, "dirty_paths": None}
+
+
+@pytest.mark.parametrize("argv", [
+    ["benchmarks/graph.py", "--scale", "1.0", "0.1", "--out", "benchmarks/results/graph.json"],
+    ["benchmarks/features.py", "--workdir", "/tmp/a dir with spaces", "--preset", "it's"],
+    ["benchmarks/train_throughput.py", "--models", "esmm,cstwa", "--out", "$HOME/x;rm -rf y", ""],
+])
+def test_command_round_trips_through_shlex(argv):
+    command = provenance.command_line(argv)
+    assert isinstance(command, str)
+    assert shlex.split(command) == argv
+
+
+def test_machine_info_reports_the_machine():
+    import os
+
+    machine = provenance.machine_info(["pytest", "surely-not-an-installed-package"])
+    for key in ("hostname", "arch", "os", "cpu_model", "cpu_count", "cpus_usable", "memory_total_gib",
+                "gpus", "python", "packages"):
+        assert key in machine
+    assert machine["cpu_count"] == os.cpu_count()
+    assert machine["memory_total_gib"] is None or machine["memory_total_gib"] > 0
+    assert machine["packages"]["pytest"] == pytest.__version__
+    assert machine["packages"]["surely-not-an-installed-package"] is None
+    json.dumps(machine)
+
+
+def test_cpu_model_reads_proc_cpuinfo():
+    path = Path("/proc/cpuinfo")
+    if not path.exists():
+        pytest.skip("no /proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in path.read_text().splitlines()
+             if line.split(":", 1)[0].strip() == "model name"]
+    if names:
+        assert provenance.cpu_model() == names[0]

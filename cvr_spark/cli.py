@@ -17,7 +17,8 @@ from cvr_spark.data.features import AccountingError
 
 # Errors that report bad input or options (their messages name the file, key or value): printed
 # as one line with exit status 2; anything else keeps its traceback.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, KeyError, FloatingPointError, AccountingError)
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, KeyError, FloatingPointError, AccountingError,
+               ImportError)
 
 
 def _common(p: argparse.ArgumentParser) -> None:

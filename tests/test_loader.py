@@ -315,3 +315,34 @@ def test_petastorm_adapter_covers_rows_and_checks_count(tables):
             assert b["multi"][i, 0, : int(b["multi_len"][i, 0])].tolist() == ref[int(s)]
     with pytest.raises(RuntimeError, match="petastorm delivered .* rows .* expected"):
         list(make_fake_loader(drop=True)(str(data_dir), "train", 6))
+
+
+def test_train_loader_option_picks_the_reader(tmp_path, monkeypatch):
+    import sys
+
+    from cvr_spark.train import loader as loader_module
+    from cvr_spark.train.experiment import run_train
+    from cvr_spark.train.loop import TrainConfig
+    from cvr_spark.train.petastorm_loader import PetastormUnavailable
+    from tests.test_loop import write_features
+
+    assert loader_module.loader_class("arrow") is FeatureLoader
+    with pytest.raises(ValueError, match="train.loader must be one of"):
+        TrainConfig(loader="pandas")
+    data = write_features(tmp_path / "data")
+    over = ["train.progress=false", "train.num_threads=1", "model.batch_size=200", "train.loader=petastorm"]
+    monkeypatch.setitem(sys.modules, "petastorm", None)  # the extra is missing: refused before training
+    with pytest.raises(PetastormUnavailable, match=r"cvr-spark\[petastorm\]"):
+        run_train(data, ["esmm"], [1], "fast", 1, out_dir=tmp_path / "runs", overrides=over)
+    assert not (tmp_path / "runs").exists()
+
+    made = []
+
+    class Recording(FeatureLoader):  # stands in for PetastormLoader (same interface)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.split)
+
+    monkeypatch.setattr(loader_module, "loader_class", lambda name: Recording if name == "petastorm" else FeatureLoader)
+    run_train(data, ["esmm"], [1], "fast", 1, out_dir=tmp_path / "runs", overrides=over)
+    assert made == ["train", "valid"]

@@ -157,7 +157,7 @@ def run_job(job: Mapping[str, Any], rank: int = 0, world_size: int = 1) -> dict:
     from cvr_spark.models import registry
     from cvr_spark.models.base import FeatureSpec
     from cvr_spark.train.checkpoint import seed_everything
-    from cvr_spark.train.loader import FeatureLoader, load_manifest
+    from cvr_spark.train.loader import load_manifest, loader_class
     from cvr_spark.train.loop import TrainConfig, fit, resolve_device, write_json
 
     out = Path(job["out_dir"])
@@ -171,8 +171,9 @@ def run_job(job: Mapping[str, Any], rank: int = 0, world_size: int = 1) -> dict:
                   job.get("graph_version"))
     common = dict(rank=rank, world_size=world_size, seed=int(job["seed"]), in_memory=cfg.in_memory,
                   device=device, version=job.get("version"), spec=spec)
-    train = FeatureLoader(job["data_dir"], "train", model.cfg.batch_size, shuffle=True, **common)
-    valid = FeatureLoader(job["data_dir"], "valid", cfg.eval_batch_size, shuffle=False, **common)
+    reader = loader_class(cfg.loader)
+    train = reader(job["data_dir"], "train", model.cfg.batch_size, shuffle=True, **common)
+    valid = reader(job["data_dir"], "valid", cfg.eval_batch_size, shuffle=False, **common)
     meta = {"model_name": job["model"], "model_options": dict(job["model_options"]),
             "spec": spec_to_dict(spec), "job": dict(job)}
     record = {**meta, "train": dataclasses.asdict(cfg), "world_size": world_size}

@@ -289,7 +289,7 @@ def run_train(data_dir: str | Path, models: Sequence[str], seeds: Sequence[int],
     from cvr_spark.models.base import FeatureSpec
     from cvr_spark.models.registry import preset_options
     from cvr_spark.train.distributed import graph_dir_for, needs_graphs, pin_graph_version, train_distributed
-    from cvr_spark.train.loader import load_manifest
+    from cvr_spark.train.loader import load_manifest, loader_class
 
     train_over, model_over = parse_overrides(overrides)
     for what, values in (("model", models), ("seed", seeds)):  # a repeat would resume its twin's run
@@ -301,7 +301,9 @@ def run_train(data_dir: str | Path, models: Sequence[str], seeds: Sequence[int],
     # Everything that can be checked is checked before the first run trains.
     FeatureSpec.from_manifest(load_manifest(data_dir))
     all_options = {name: preset_options(name, preset, model_over) for name in models}
-    tracker = _mlflow_tracker(make_train_config(train_over, epochs=epochs).mlflow)
+    base_cfg = make_train_config(train_over, epochs=epochs)
+    loader_class(base_cfg.loader)  # a missing optional reader fails here, not in the first run
+    tracker = _mlflow_tracker(base_cfg.mlflow)
     here = torch.cuda.is_available()
     use_gpu = here if use_gpu is None else bool(use_gpu)
     if use_gpu and not here and (processes == 1 or local_mode):

@@ -424,3 +424,21 @@ class FeatureLoader:
         if self.device.type == "cpu":
             return batch
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+
+def loader_class(name: str = "arrow") -> type:
+    """The loader class of ``train.loader``: ``arrow`` (:class:`FeatureLoader`) or ``petastorm``
+    (:class:`~cvr_spark.train.petastorm_loader.PetastormLoader`, same interface; its check of the
+    petastorm extra runs here, so a missing extra fails before anything is read).
+
+    Raises:
+        ValueError: another name. PetastormUnavailable: ``petastorm`` without a working extra.
+    """
+    if name == "arrow":
+        return FeatureLoader
+    if name == "petastorm":
+        from cvr_spark.train.petastorm_loader import PetastormLoader, require_petastorm
+
+        require_petastorm()
+        return PetastormLoader
+    raise ValueError(f"train.loader must be arrow or petastorm, got {name!r}")

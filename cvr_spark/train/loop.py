@@ -42,10 +42,11 @@ OUTPUT_KEYS = ("p_ctr", "p_cvr", "p_ctcvr")
 # at an extreme (not PCOC, best at 1). See cvr_spark.evaluate.metrics.METRIC_SPACES.
 STOPPING_METRICS = ("ctr_auc", "cvr_auc_clicked", "cvr_auc_all", "ctcvr_auc", "gauc_ctr",
                     "logloss_ctr", "logloss_cvr_clicked", "logloss_ctcvr")
+LOADERS = ("arrow", "petastorm")
 # Train options a resumed run may change: they do not change what a step computes.
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "max_steps", "log_every", "checkpoint_every", "resume",
                                "num_threads", "eval_batch_size", "in_memory", "progress", "mlflow",
-                               "find_unused_parameters", "tune_malloc", "device", "metric_names"})
+                               "find_unused_parameters", "tune_malloc", "device", "metric_names", "loader"})
 PASSTHROUGH_KEYS = ("click", "conversion", "user_key", "item_key", "sample_id")
 
 
@@ -75,6 +76,9 @@ class TrainConfig:
     max_steps: int = 0
     eval_batch_size: int = 8192
     in_memory: bool = True
+    # Reader of the train / valid splits: "arrow" (FeatureLoader, pyarrow) or "petastorm" (the
+    # optional extra, same interface; needs pyarrow<15 and numpy<2, so pyspark<=4.0).
+    loader: str = "arrow"
     progress: bool = True
     find_unused_parameters: bool = True
     # CPU training: raise glibc malloc's mmap/trim thresholds so that activation-sized tensors
@@ -94,6 +98,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"train.device must be auto, cpu or cuda[:i], got {self.device!r}")
+        if self.loader not in LOADERS:
+            raise ValueError(f"train.loader must be one of {LOADERS}, got {self.loader!r}")
         if self.amp_dtype not in ("bfloat16", "float16"):
             raise ValueError(f"train.amp_dtype must be bfloat16 or float16, got {self.amp_dtype!r}")
         self.metric_names = [m.strip() for m in self.early_stop_metric.split(",") if m.strip()]

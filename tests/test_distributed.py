@@ -171,3 +171,56 @@ def test_ddp_lazy_embedding_rows_match_one_process_on_the_whole_batch(tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(r0[key], r1[key]), f"{key} differs between ranks"
         torch.testing.assert_close(r0[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _resume_rank(rank: int, world_size: int, data_dir: str, out: str, port: int, kill_after: int) -> None:
+    """One rank of a 2-rank run; ``kill_after`` > 0: every rank stops after that many steps."""
+    import torch.distributed as dist
+
+    from cvr_spark.models import registry
+    from cvr_spark.models.base import FeatureSpec
+    from cvr_spark.train.loader import FeatureLoader, load_manifest
+    from cvr_spark.train.loop import TrainConfig, fit
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        spec = FeatureSpec.from_manifest(load_manifest(data_dir))
+        model = registry.build("esmm", spec, registry.preset_options("esmm", "fast", {"batch_size": 150}))
+        if kill_after:
+            def stop(batch, out):
+                model.steps = getattr(model, "steps", 0) + 1
+                if model.steps == kill_after:
+                    raise KeyboardInterrupt("simulated kill")
+            model.on_train_batch_end = stop
+        kw = dict(rank=rank, world_size=world_size, seed=0, spec=spec)
+        train = FeatureLoader(data_dir, "train", 150, shuffle=True, **kw)
+        valid = FeatureLoader(data_dir, "valid", 1000, shuffle=False, **kw)
+        cfg = TrainConfig(epochs=2, patience=0, progress=False, num_threads=1, checkpoint_every=3)
+        try:
+            result = fit(model, train, valid, cfg, out, rank=rank, world_size=world_size)
+        except KeyboardInterrupt:
+            return
+        if rank == 0:
+            history = [(h["train_loss"], h["samples"]) for h in result["history"]]
+            Path(out, "history.json").write_text(json.dumps(history))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_resume_mid_epoch_reports_the_epochs_loss_over_every_rank(tmp_path):
+    """Killed after step 5 (checkpoint at step 3, mid-epoch), resumed: the epoch's train loss
+    and sample count equal the uninterrupted run's (each rank's partial sums are in the
+    checkpoint once, not rank 0's on every rank)."""
+    import torch.multiprocessing as mp
+
+    data = str(write_features(tmp_path / "data", n=2000, rows_per_group=70))
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    mp.spawn(_resume_rank, args=(2, data, ref, _free_port(), 0), nprocs=2, join=True)
+    mp.spawn(_resume_rank, args=(2, data, run, _free_port(), 5), nprocs=2, join=True)
+    assert not Path(run, "history.json").exists()
+    mp.spawn(_resume_rank, args=(2, data, run, _free_port(), 0), nprocs=2, join=True)
+    expected, resumed = (json.loads(Path(d, "history.json").read_text()) for d in (ref, run))
+    assert [s for _, s in resumed] == [s for _, s in expected]
+    assert [loss for loss, _ in resumed] == pytest.approx([loss for loss, _ in expected], rel=1e-9)

@@ -170,12 +170,30 @@ def test_split_column_uses_the_quantile_of_the_train_input(spark):
         assign_split(df, 0.2, 0, split_column="nope")
 
 
-def test_source_valid_frame_is_used_as_valid_and_never_carved(spark):
-    src = make_source(spark, rejects=0)
-    src.valid = src.test.limit(20).selectExpr("sample_id + 1000000 AS sample_id", "*").drop("sample_id")
-    frame = assign_split(canonical_frame(src), 0.0, 1)
-    counts = {(r.input_split, r.split): r["count"] for r in frame.groupBy("input_split", "split").count().collect()}
-    assert counts == {("train", "train"): 400, ("valid", "valid"): 20, ("test", "test"): 150}
+def test_source_valid_frame_is_used_as_valid_and_never_carved(spark, shared_fixtures, tmp_path):
+    """The whole feature job on torch-rechub's sample, which has its own val file: that file is
+    the valid split and nothing is carved out of train, even with valid_fraction=0.5 (a
+    carve-out would move about half of the 100 train rows to valid)."""
+    folder = shared_fixtures / "torch-rechub" / "ali-ccp"
+    lines = {}
+    for split, name in (("train", "train"), ("valid", "val"), ("test", "test")):
+        with open(folder / f"ali_ccp_{name}_sample.csv", newline="") as fh:
+            lines[split] = list(csv.reader(fh))[1:]  # data lines (each file has a header)
+    invalid = {s: sum(r[0] == "0" and r[1] == "1" for r in rows) for s, rows in lines.items()}
+    cfg = FeaturesConfig(source="rechub-csv", input=str(folder), output=str(tmp_path), format="parquet",
+                         valid_fraction=0.5, min_count=1, rows_per_file=1000, seed=3)
+    manifest = fm.run_features(spark, cfg)
+    assert manifest["split"]["mode"] == "source" and manifest["split"]["valid_fraction"] == 0.0
+    assert manifest["rows_in"] == {s: len(rows) for s, rows in lines.items()} == {
+        "train": 100, "valid": 50, "test": 50}
+    assert {s: a["rejects"] for s, a in manifest["accounting"].items()} == invalid
+    assert manifest["rows"]["valid"] == len(lines["valid"])
+    assert manifest["rows"]["train"] == len(lines["train"]) - invalid["train"]
+    assert manifest["rows"]["test"] == len(lines["test"]) - invalid["test"]
+    for split in ("train", "valid"):  # the very rows of each file, by their label sums
+        kept = [r for r in lines[split] if not (r[0] == "0" and r[1] == "1")]
+        assert manifest["label_rates"][split]["click"] == pytest.approx(
+            sum(r[0] == "1" for r in kept) / len(kept)), split
 
 
 def test_accounting_and_reject_bound_errors_name_the_numbers():

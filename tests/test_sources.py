@@ -10,6 +10,7 @@ import csv
 import shutil
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from pyspark.sql import functions as F
@@ -67,7 +68,7 @@ def test_raw_fixture_exact_rows_and_rejects(spark) -> None:
     data = read_source(spark, "aliccp-raw", str(RAW), fields="full")
     assert [f.name for f in data.fields] == FULL
     assert [f.name for f in data.fields if f.multi] == ["109_14", "110_14", "127_14", "150_14"]
-    assert data.train.columns == ["sample_id", "click", "conversion", *FULL]
+    assert data.train.columns == ["sample_id", "click", "conversion", *FULL, "_split_key"]
     assert dict(data.train.dtypes)["109_14"] == "array<string>"
     assert dict(data.train.dtypes)["sample_id"] == "bigint"
     rows = {r["sample_id"]: r.asDict() for r in data.train.unionByName(data.test).collect()}
@@ -135,7 +136,7 @@ def test_raw_aitm18_preset_and_optional_test_pair(spark, tmp_path: Path) -> None
         shutil.copy(RAW / name, tmp_path / name)
     data = read_source(spark, "aliccp-raw", str(tmp_path))
     assert data.test is None and data.valid is None and list(data.source_files) == ["train"]
-    assert data.train.columns == ["sample_id", "click", "conversion", *AITM18]
+    assert data.train.columns == ["sample_id", "click", "conversion", *AITM18, "_split_key"]
     assert all(not f.multi for f in data.fields)
     row = data.train.filter(F.col("sample_id") == 1).first()
     assert (row["101"], row["205"], row["508"]) == ("1001", "3001", "4001")
@@ -164,7 +165,7 @@ def test_aitm_fixture_headerless_test_and_invalid_rows(spark, shared_fixtures: P
     folder = shared_fixtures / "PaddleRec" / "aitm"
     data = read_source(spark, "aitm-csv", str(folder))
     assert [f.name for f in data.fields] == AITM18
-    assert data.train.columns == ["sample_id", "click", "conversion", *AITM18]
+    assert data.train.columns == ["sample_id", "click", "conversion", *AITM18, "_split_key"]
     kept, rejects, inputs = accounting(data)
     for split, header in (("train", True), ("test", False)):
         rows = csv_rows(folder / f"{split}.csv", header)
@@ -322,3 +323,159 @@ def test_aliexpress_fixtures(spark, shared_fixtures: Path, folder: str, train: s
         assert kept[split] == (len(rows) - invalid, sum(r[-2] == "1" for r in rows),
                                sum(r[-2] == "1" and r[-1] == "1" for r in rows))
         assert rejects[(split, "conversion_without_click")] == invalid
+
+
+# ------------------------------------------------------------------ CSV headers, encoding, split keys
+
+GOOD = ",".join(["5"] * 18)
+
+
+def test_csv_repeated_header_lines_are_counted_and_rejected(spark, tmp_path: Path) -> None:
+    """Two concatenated CSVs: the first line of a file is its header, every later copy of it is
+    a data line rejected as ``repeated_header`` (kept with its raw text, counted as rows in)."""
+    header = ",".join(AITM_HEADER)
+    train = write(tmp_path / "train.csv", [header, f"1,1,{GOOD}", f"0,0,{GOOD}", header,
+                                           f"1,0,{GOOD}", f"0,0,{GOOD}", header])
+    test = write(tmp_path / "test.csv", [header, f"1,0,{GOOD}", header])
+    data = read_source(spark, "aitm-csv", str(tmp_path))
+    kept, rejects, inputs = accounting(data)
+    lines = {p: p.read_text().splitlines() for p in (train, test)}
+    repeats = {p: sum(line == header for line in ls[1:]) for p, ls in lines.items()}
+    assert repeats == {train: 2, test: 1}
+    assert inputs == {"train": len(lines[train]) - 1, "test": len(lines[test]) - 1}
+    assert inputs == {"train": 6, "test": 2}
+    assert rejects == Counter({("train", "repeated_header"): 2, ("test", "repeated_header"): 1})
+    assert kept == {"train": (4, 2, 1), "test": (1, 1, 0)}
+    got = sorted((r["source_file"], r["line"]) for r in data.rejects.collect())
+    assert got == [(str(test), header), (str(train), header), (str(train), header)]
+
+
+def test_csv_bad_first_line_of_a_headerless_file_is_a_reject(spark, shared_fixtures: Path,
+                                                            tmp_path: Path) -> None:
+    """A first line that does not look like a header is data: a bad one is rejected like the
+    same line anywhere else, instead of failing the job as a header without 'click'."""
+    write(tmp_path / "train.csv", [",".join(AITM_HEADER), f"1,1,{GOOD}", f"0,0,{GOOD}"])
+    write(tmp_path / "test.csv", [f"x,0,{GOOD}", f"1,1,{GOOD}", f"x,0,{GOOD}"])
+    kept, rejects, inputs = accounting(read_source(spark, "aitm-csv", str(tmp_path)))
+    assert inputs == {"train": 2, "test": 3} and kept["test"] == (1, 1, 1)
+    assert rejects == Counter({("test", "bad_label"): 2})
+
+    blank = write(tmp_path / "blank_first.csv", ["", f"1,0,{GOOD}", f"2,0,{GOOD}"])
+    kept, rejects, inputs = accounting(read_source(spark, "aitm-csv", str(blank)))
+    assert inputs == {"train": 3} and kept["train"] == (1, 1, 0)
+    assert rejects == Counter({("train", "bad_column_count"): 1, ("train", "bad_label"): 1})
+
+    # rechub: a headerless val file whose first line has a non-numeric label
+    source = shared_fixtures / "torch-rechub" / "ali-ccp" / "ali_ccp_train_sample.csv"
+    header, first = source.read_text().splitlines()[:2]
+    (tmp_path / "rechub").mkdir()
+    write(tmp_path / "rechub" / "ali_ccp_train_x.csv", [header, first])
+    write(tmp_path / "rechub" / "ali_ccp_val_x.csv", ["?" + first[1:], first])
+    kept, rejects, inputs = accounting(read_source(spark, "rechub-csv", str(tmp_path / "rechub")))
+    assert inputs == {"train": 1, "valid": 2} and rejects == Counter({("valid", "bad_label"): 1})
+
+
+def test_csv_header_like_first_lines_still_need_every_column(spark, tmp_path: Path) -> None:
+    """Only a line that looks like a header is one (it names a label or another known
+    non-numeric column, or has no number at all); such a line without a required column is
+    a clear error naming the file."""
+    rows = [f"1,0,{GOOD}"]
+    for name, head in (("capital.csv", ["Click", "Purchase", *AITM18]),
+                       ("renamed.csv", ["clk", "buy", *[f"f{i}" for i in range(18)]]),
+                       ("no_click.csv", ["purchase", *AITM18])):
+        path = write(tmp_path / name, [",".join(head), *rows])
+        with pytest.raises(ValueError, match=rf"{name}.*header has no column 'click'"):
+            read_source(spark, "aitm-csv", str(path))
+
+
+def test_csv_split_without_data_lines_is_an_error_naming_its_files(spark, shared_fixtures: Path,
+                                                                   tmp_path: Path) -> None:
+    """An empty or header-only file (the only file of its split) is an error naming it, raised
+    by the reader, not the feature job's "read no input rows" without a file name."""
+    empty = tmp_path / "empty.csv"
+    empty.write_bytes(b"")
+    header_only = write(tmp_path / "header_only.csv", [",".join(AITM_HEADER)])
+    for path in (empty, header_only):
+        name = path.name
+        with pytest.raises(ValueError, match=rf"'train' has no data lines.*{name}"):
+            read_source(spark, "aitm-csv", str(path)).input_rows()
+    folder = tmp_path / "rechub"
+    folder.mkdir()
+    for name in ("train", "val", "test"):
+        src = shared_fixtures / "torch-rechub" / "ali-ccp" / f"ali_ccp_{name}_sample.csv"
+        lines = src.read_text().splitlines()
+        write(folder / src.name, lines[:1] if name == "val" else lines)
+    with pytest.raises(ValueError, match=r"'valid' has no data lines.*ali_ccp_val_sample\.csv"):
+        read_source(spark, "rechub-csv", str(folder)).input_rows()
+
+
+def test_csv_invalid_utf8_lines_are_rejected_with_the_replacement_text(spark,
+                                                                       tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 (Spark keeps them in the string) are ``invalid_utf8`` rejects;
+    the stored raw line holds U+FFFD where the bad bytes were. A real U+FFFD (valid UTF-8) is
+    ordinary text."""
+    header = ",".join(AITM_HEADER).encode()
+    good = GOOD.encode()
+    raw = [header, b"1,1," + good, b"1,0,5\xff," + good[2:], b"0,0," + good[:-1] + b"\xfe",
+           "0,0,5\ufffd,".encode() + good[2:], b"0,0," + good]
+    path = tmp_path / "train.csv"
+    path.write_bytes(b"\n".join(raw) + b"\n")
+    data = read_source(spark, "aitm-csv", str(path))
+    kept, rejects, inputs = accounting(data)
+    assert inputs == {"train": 5} and kept["train"] == (3, 1, 1)
+    assert rejects == Counter({("train", "invalid_utf8"): 2})
+    stored = sorted(r["line"] for r in data.rejects.collect())
+    assert stored == sorted(b.decode("utf-8", "replace") for b in raw[2:4])
+    assert all("\ufffd" in line for line in stored)
+
+
+def _keys_by_line(spark, folder: Path,
+                  max_partition_bytes: Optional[str]) -> tuple[dict, dict, int]:
+    """(raw line -> {_split_key}, raw line -> {sample_id}, partitions of the train scan) of the
+    canonical rows of one read, with ``spark.sql.files.maxPartitionBytes`` set for it."""
+    key = "spark.sql.files.maxPartitionBytes"
+    if max_partition_bytes:
+        spark.conf.set(key, max_partition_bytes)
+    try:
+        data = read_source(spark, "aitm-csv", str(folder))
+        canonical = data.train.unionByName(data.test).select("sample_id", "_split_key")
+        lines = data.parsed.filter(F.col("_reason").isNull()).select("_line", "sample_id")
+        rows = canonical.join(lines, "sample_id").collect()  # one job: one partitioning
+        partitions = spark.read.text(str(folder / "train.csv")).rdd.getNumPartitions()
+    finally:
+        spark.conf.unset(key)
+    keys, ids = {}, {}
+    for r in rows:
+        keys.setdefault(r["_line"], set()).add(r["_split_key"])
+        ids.setdefault(r["_line"], set()).add(r["sample_id"])
+    return keys, ids, partitions
+
+
+def test_split_key_of_generated_ids_does_not_depend_on_partitioning(spark,
+                                                                     shared_fixtures: Path) -> None:
+    """``sample_id`` of a source without ids encodes the partition; ``_split_key`` (what the
+    split hashes) is xxhash64(file base name, raw line), the same under any partitioning."""
+    folder = shared_fixtures / "PaddleRec" / "aitm"
+    one, one_ids, n_one = _keys_by_line(spark, folder, None)
+    many, many_ids, n_many = _keys_by_line(spark, folder, "256")
+    assert (n_one, n_many > 8) == (1, True)
+    assert one_ids != many_ids  # the partitioning does change the generated sample ids
+    assert one == many and all(len(k) == 1 for k in one.values())
+    valid = {name: [line for line in (folder / name).read_text().splitlines()
+                    if not line.startswith(("0,1,", "click"))] for name in ("train.csv", "test.csv")}
+    assert set(one) == set(valid["train.csv"]) | set(valid["test.csv"])
+    for name in ("train.csv", "test.csv"):  # the key's definition, computed apart from the reader
+        line = valid[name][0]
+        assert one[line] == {spark.range(1).select(F.xxhash64(F.lit(name), F.lit(line))).first()[0]}
+    dtypes = dict(read_source(spark, "aitm-csv", str(folder)).train.dtypes)
+    assert dtypes["_split_key"] == "bigint"
+
+
+def test_split_key_of_raw_ids_is_the_raw_id(spark) -> None:
+    """Raw Ali-CCP: ``_split_key`` is the raw id (the split of raw data does not change)."""
+    data = read_source(spark, "aliccp-raw", str(RAW), fields="full")
+    for split in ("train", "test"):
+        rows = getattr(data, split).select("sample_id", "_split_key").collect()
+        assert rows and all(r["_split_key"] == r["sample_id"] - SAMPLE_ID_OFFSET[split]
+                            for r in rows)
+    assert sorted(r["_split_key"] for r in data.test.collect()) == [1]

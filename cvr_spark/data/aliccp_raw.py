@@ -30,7 +30,8 @@ Decisions (the spec is silent on them):
 * Fields outside the preset are ignored.
 * A line holding bytes that are not UTF-8 is rejected (``invalid_utf8``; a common line with
   them rejects its skeleton rows as ``malformed_common_feature``). The rejects table keeps the
-  line's bytes as read (Parquet strings are bytes); Python readers decode them with U+FFFD.
+  line with U+FFFD in place of the bad bytes (:func:`readable_line`: a Parquet string column
+  must hold UTF-8 for readers such as pyarrow). A U+FFFD character in valid UTF-8 is ordinary text.
 """
 from __future__ import annotations
 
@@ -96,10 +97,17 @@ def barrier(df: DataFrame) -> DataFrame:
     return df.select(F.inline(F.array(F.struct(*[F.col(c) for c in df.columns]))))
 
 
-def not_utf8(line: Column) -> Column:
-    """The line holds bytes that are not UTF-8. Spark's text reader keeps a line's bytes as they
-    are and raises nothing; they would become ids (all decoded to the same U+FFFD text)."""
-    return ~F.is_valid_utf8(line)
+def not_utf8(value: Column) -> Column:
+    """The raw line holds bytes that are not UTF-8. Spark's text reader keeps a line's bytes as
+    they are and raises nothing; they would become ids (all decoded to the same U+FFFD text)."""
+    return ~F.is_valid_utf8(value)
+
+
+def readable_line(value: Column) -> Column:
+    """The raw line as stored in the rejects table: as read when it is UTF-8, else with U+FFFD
+    in place of the bad bytes (a Parquet string column must be UTF-8 for readers such as
+    pyarrow). Only invalid lines pay for the repair."""
+    return F.when(F.is_valid_utf8(value), value).otherwise(F.make_valid_utf8(value))
 
 
 def _clean(value: Column) -> Column:
@@ -167,8 +175,8 @@ def _malformed(tokens: Column, pattern: str) -> Column:
 def _split_lines(spark: SparkSession, path: str) -> DataFrame:
     """``_source_file``, ``_line`` and ``_parts`` (the comma-separated columns) of a file."""
     return barrier(spark.read.text(path).select(
-        F.lit(path).alias("_source_file"), F.col("value").alias("_line"),
-        F.split(_clean(F.col("value")), ",", -1).alias("_parts")))
+        F.lit(path).alias("_source_file"), readable_line(F.col("value")).alias("_line"),
+        not_utf8(F.col("value")).alias("_utf8_bad"), F.split(_clean(F.col("value")), ",", -1).alias("_parts")))
 
 
 def read_common(spark: SparkSession, path: str, fields: Sequence[FieldInfo]) -> DataFrame:
@@ -176,7 +184,7 @@ def read_common(spark: SparkSession, path: str, fields: Sequence[FieldInfo]) -> 
     ``_bad`` (1 when a line of the key is damaged) and the fields prefixed ``_c_``."""
     parts = F.col("_parts")
     tokens = barrier(_split_lines(spark, path).select(
-        F.get(parts, 0).alias("_key"), F.size(parts).alias("_ncols"), not_utf8(F.col("_line")).alias("_utf8_bad"),
+        F.get(parts, 0).alias("_key"), F.size(parts).alias("_ncols"), "_utf8_bad",
         F.get(parts, 1).try_cast("int").alias("_count"),
         _raw_list_ok(F.get(parts, 2)).alias("_ok"),
         _raw_tokens(F.get(parts, 2)).alias("_tokens"), _raw_names(F.get(parts, 2)).alias("_names")))
@@ -194,14 +202,14 @@ def read_skeleton(spark: SparkSession, path: str, common: DataFrame,
     (``broadcast_common``: hint the common table BROADCAST, for a small common file)."""
     parts = F.col("_parts")
     tokens = barrier(_split_lines(spark, path).select(
-        "_source_file", "_line", F.size(parts).alias("_ncols"),
+        "_source_file", "_line", "_utf8_bad", F.size(parts).alias("_ncols"),
         F.get(parts, 0).try_cast("long").alias("_raw_id"),
         F.get(parts, 1).alias("click"), F.get(parts, 2).alias("conversion"),
         F.get(parts, 3).alias("_key"), F.get(parts, 4).try_cast("int").alias("_count"),
         _raw_list_ok(F.get(parts, 5)).alias("_ok"),
         _raw_tokens(F.get(parts, 5)).alias("_tokens"), _raw_names(F.get(parts, 5)).alias("_names")))
     base = tokens.select(
-        "_source_file", "_line", "_ncols", "_raw_id", "click", "conversion", "_key", not_utf8(F.col("_line")).alias("_utf8_bad"),
+        "_source_file", "_line", "_ncols", "_raw_id", "click", "conversion", "_key", "_utf8_bad",
         (F.col("_count") != F.size("_tokens")).alias("_count_bad"), (~F.col("_ok")).alias("_feat_bad"),
         *raw_field_columns("_tokens", "_names", fields, "_s_"))
     joined = base.join(F.broadcast(common) if broadcast_common else common, on="_key", how="left")
@@ -235,19 +243,19 @@ def read_joined(spark: SparkSession, path: str, fields: Sequence[FieldInfo]) -> 
     """Parsed rows of a PaddleRec joined text file ``sample_id,click,buy,field:feat,...``."""
     parts = F.col("_parts")
     tokens = barrier(_split_lines(spark, path).select(
-        "_source_file", "_line", F.size(parts).alias("_ncols"),
+        "_source_file", "_line", "_utf8_bad", F.size(parts).alias("_ncols"),
         F.get(parts, 0).try_cast("long").alias("_raw_id"),
         F.get(parts, 1).alias("click"), F.get(parts, 2).alias("conversion"),
         F.filter(parts, lambda _, i: i >= 3).alias("_tokens")))
     pairs = F.transform("_tokens", lambda t: F.struct(
         F.substring_index(t, ":", 1).alias("field"), F.substring_index(t, ":", -1).alias("fid")))
     parsed = tokens.select(
-        "_source_file", "_line", "_ncols", "_raw_id", "click", "conversion",
+        "_source_file", "_line", "_utf8_bad", "_ncols", "_raw_id", "click", "conversion",
         _malformed(F.col("_tokens"), JOINED_FEATURE_RE).alias("_feat_bad"), pairs.alias("_pairs"))
     parsed = parsed.select("*", *field_columns("_pairs", fields))
     bad_label, no_click = label_checks(F.col("click"), F.col("conversion"))
     reason = first_reason([
-        (not_utf8(F.col("_line")), "invalid_utf8"),
+        (F.col("_utf8_bad"), "invalid_utf8"),
         (F.col("_ncols") < 3, "bad_column_count"),
         (bad_label, "bad_label"),
         (F.col("_raw_id").isNull(), "bad_sample_id"),

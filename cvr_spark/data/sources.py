@@ -2,10 +2,11 @@
 
 Canonical columns (DESIGN.md "Data contracts"): ``sample_id`` (long), ``click`` and
 ``conversion`` (int 0/1), one column per field named as the field (string raw id, null when
-missing; ``array<string>`` for multi-valued fields, empty when missing), dense columns as double.
+missing; ``array<string>`` for multi-valued fields, empty when missing), dense columns as double,
+and ``_split_key`` (long): what the validation split hashes (see below).
 
 Every line is read as text (so a rejected row keeps its raw line) and parsed with Spark SQL
-functions only (no Python UDFs, nothing collected but one header line per file). For each
+functions only (no Python UDFs, nothing collected but the first two lines of a CSV). For each
 input split, ``input_rows == canonical rows + rejected rows``.
 
 Decisions where the spec is silent:
@@ -17,9 +18,27 @@ Decisions where the spec is silent:
   generated ids (``monotonically_increasing_id`` + the split offset; deterministic for the
   same files): PaddleRec part files may restart their ids, AliExpress' ``search_id`` is not
   unique, and the CSVs have none.
-* Headers: a file's first line is a header when its first token is not a number. Header
-  columns are matched by name, so any column order works; a headerless file takes the
-  column order of the first header found (train, valid, test), else the format's default.
+* ``_split_key``: a value per row that does not depend on how Spark partitions the input
+  (``sample_id`` of generated-id sources encodes the partition, so a split hashing it would
+  change with the number of cores). Generated-id sources: ``xxhash64(file base name, raw
+  line)`` (identical lines of one file share a key and so a split); raw Ali-CCP: the raw id
+  (before the split offset).
+* Headers: a file's first line is a header when it looks like one: one of its columns is a
+  non-numeric column name of the format (a label such as ``click``, ``search_id``,
+  ``D508``; compared ignoring case), or it has several columns and none is empty or a number.
+  Any other first line is data (a bad one is rejected like the same line anywhere else).
+  Header columns are matched by name, so any column order works; a header without a
+  required column is an error naming the file. A headerless file takes the column order of
+  the first header found (train, valid, test), else the format's default. A later line equal
+  to its file's header is a data line rejected as ``repeated_header`` (concatenated CSVs):
+  Spark numbers no lines, so every header-equal line is marked and one per file, the header,
+  is left out of the rejects (and of the input rows, which count every raw line less one per
+  file with a header). An input split whose files hold no data line (empty, or a header
+  only) is an error naming the files.
+* Lines holding bytes that are not UTF-8 (Spark's text reader keeps them as they are) are
+  rejected (``invalid_utf8``, every source); a U+FFFD character in valid UTF-8 is ordinary
+  text. The rejects table keeps the line with U+FFFD in place of the bad bytes (valid UTF-8,
+  readable by any Parquet reader; ``aliccp_raw.readable_line``), not the original bytes.
 * ``fields`` (the preset) applies to ``aliccp-raw`` and ``paddle-joined``; the CSV sources
   carry their own fields (AITM: every non-label header column; rechub: its 23 sparse
   columns, all single-valued ids; AliExpress: ``categorical_1..16``, group ``context``
@@ -27,8 +46,8 @@ Decisions where the spec is silent:
 * Empty values are null; in AITM CSVs ``"0"`` is also null (the AITM script writes missing
   as '0'); in rechub and AliExpress CSVs ``"0"`` is a real encoded id. Dense values must
   parse as finite numbers (else ``bad_dense_value``).
-* Reasons are checked in a fixed order and a row gets the first one that fails (structure,
-  labels, ids, features, join, then ``conversion_without_click``).
+* Reasons are checked in a fixed order and a row gets the first one that fails (repeated
+  header, encoding, structure, labels, ids, features, join, then ``conversion_without_click``).
 """
 from __future__ import annotations
 
@@ -45,8 +64,8 @@ from cvr_spark.data.fields import AITM18, FULL, FieldInfo, aliccp_fields, group_
 
 SOURCES = ("aliccp-raw", "aitm-csv", "rechub-csv", "paddle-joined", "aliexpress-csv")
 REJECT_REASONS = (
-    "bad_column_count", "bad_label", "bad_sample_id", "duplicate_sample_id",
-    "malformed_feature", "feature_count_mismatch", "missing_common_key",
+    "repeated_header", "invalid_utf8", "bad_column_count", "bad_label", "bad_sample_id",
+    "duplicate_sample_id", "malformed_feature", "feature_count_mismatch", "missing_common_key",
     "duplicate_common_key", "malformed_common_feature", "bad_dense_value",
     "conversion_without_click",
 )
@@ -67,19 +86,36 @@ class SourceData:
     fields: list[FieldInfo]
     dense_fields: list[str]
     source_files: dict[str, list[str]]
-    data_lines: Optional[DataFrame] = field(default=None, repr=False)  # one row per data line
-    # The parsed lines of every split (one row per data line, with ``input_split``): the
-    # frames above all derive from it, so persisting it parses the input once, not once per
-    # frame (and per self-join) that reads it.
+    # One row (``input_split``) per raw line of every input file, headers included.
+    data_lines: Optional[DataFrame] = field(default=None, repr=False)
+    # Header lines per input split (one per file that has one): not data lines.
+    header_lines: dict[str, int] = field(default_factory=dict)
+    # The parsed lines of every split (one row per raw line, with ``input_split``; a CSV
+    # header is in it, marked ``repeated_header`` and left out of ``rejects``): the frames
+    # above all derive from it, so persisting it parses the input once, not once per frame
+    # (and per self-join) that reads it.
     parsed: Optional[DataFrame] = field(default=None, repr=False)
 
     def input_rows(self) -> dict[str, int]:
-        """Data lines read per input split (headers excluded), counted on the raw lines."""
+        """Data lines read per input split (headers excluded), counted on the raw lines.
+
+        Raises:
+            ValueError: an input split has no data line (naming its files).
+        """
         counts = {split: 0 for split in self.source_files}
         if self.data_lines is not None:
             for row in self.data_lines.groupBy("input_split").count().collect():
                 counts[row["input_split"]] = row["count"]
+        counts = {s: n - self.header_lines.get(s, 0) for s, n in counts.items()}
+        for split, n in counts.items():
+            if n <= 0:
+                raise _no_data_error(split, self.source_files[split])
         return counts
+
+
+def _no_data_error(split: str, files: list[str]) -> ValueError:
+    return ValueError(f"input split '{split}' has no data lines: its files {files} are empty "
+                      "or hold only a header")
 
 
 @dataclass(frozen=True)
@@ -150,7 +186,7 @@ def read_source(spark: SparkSession, source: str, input: str, fields: str = "ait
                   for s, paths in files.items()}
         lines = {s: [spark.read.text(p) for p in paths] for s, paths in files.items()}
         return _assemble(parsed, lines, files, infos, [], raw_ids=False)
-    return _read_csv(spark, CSV_FORMATS[source], files)
+    return _read_csv(spark, source, CSV_FORMATS[source], files)
 
 
 # ---------------------------------------------------------------- files
@@ -239,23 +275,45 @@ def _raw_sample_ids(df: DataFrame, split: str) -> DataFrame:
     return df.withColumn("_reason", reason).withColumn("sample_id", F.col("_raw_id") + offset)
 
 
+def _with_split_key(df: DataFrame, raw_ids: bool) -> DataFrame:
+    """``_split_key`` (see the module notes): the raw id, else xxhash64(file base name, line)."""
+    if raw_ids:
+        return df.withColumn("_split_key", F.col("_raw_id").cast("long"))
+    name = F.substring_index(F.col("_source_file"), "/", -1)
+    return df.withColumn("_split_key", F.xxhash64(name, F.col("_line")))
+
+
 def _canonical(df: DataFrame, fields: list[FieldInfo], dense: list[str]) -> DataFrame:
     return df.filter(F.col("_reason").isNull()).select(
         F.col("sample_id").cast("long"), F.col("click").cast("int"),
         F.col("conversion").cast("int"), *[F.col(f.name) for f in fields],
-        *[F.col(d).cast("double") for d in dense])
+        *[F.col(d).cast("double") for d in dense], F.col("_split_key").cast("long"))
+
+
+def _without_headers(rejects: DataFrame) -> DataFrame:
+    """``rejects`` less one ``repeated_header`` row per file: the file's header, not a data
+    line (every header-equal line of a file was marked; they are identical, so which one is
+    left out does not matter). Only the marked rows are shuffled."""
+    marked = F.col("reason") == F.lit("repeated_header")
+    counts = rejects.filter(marked).groupBy(*REJECT_COLUMNS).count()
+    repeats = counts.select(*REJECT_COLUMNS, F.explode(F.array_repeat(
+        F.lit(0), (F.col("count") - 1).cast("int"))).alias("_copy")).drop("_copy")
+    return rejects.filter(~marked).unionByName(repeats)
 
 
 def _assemble(parsed: dict[str, list[DataFrame]], lines: dict[str, list[DataFrame]],
               files: dict[str, list[str]], fields: list[FieldInfo], dense: list[str],
-              raw_ids: bool) -> SourceData:
-    """Per-split parsed frames (one row per data line) -> :class:`SourceData`.
+              raw_ids: bool, header_lines: Optional[dict[str, int]] = None) -> SourceData:
+    """Per-split parsed frames (one row per raw line) -> :class:`SourceData`.
 
     All splits meet in one frame (``SourceData.parsed``) that the canonical frames and the
-    rejects are filtered from, so that one persisted frame serves them all.
+    rejects are filtered from, so that one persisted frame serves them all. ``header_lines``:
+    files with a header per split (their header-equal lines are marked ``repeated_header``).
     """
+    header_lines = header_lines or {}
     splits = [s for s in SPLITS if s in parsed]
-    per_split = {s: reduce(DataFrame.unionByName, parsed[s]) for s in splits}
+    per_split = {s: _with_split_key(reduce(DataFrame.unionByName, parsed[s]), raw_ids)
+                 for s in splits}
     if not raw_ids:
         per_split = {s: _generated_ids(df, s) for s, df in per_split.items()}
     rows = reduce(DataFrame.unionByName, [df.withColumn("input_split", F.lit(s))
@@ -266,15 +324,17 @@ def _assemble(parsed: dict[str, list[DataFrame]], lines: dict[str, list[DataFram
         if raw_ids:
             df = _raw_sample_ids(df, split)
         frames[split] = _canonical(df, fields, dense)
-        rejects.append(df.filter(F.col("_reason").isNotNull()).select(
+        rejected = df.filter(F.col("_reason").isNotNull()).select(
             F.col("_source_file").alias("source_file"), F.col("_line").alias("line"),
-            F.col("_reason").alias("reason"), F.lit(split).alias("input_split")))
+            F.col("_reason").alias("reason"), F.lit(split).alias("input_split"))
+        rejects.append(_without_headers(rejected) if header_lines.get(split) else rejected)
     counted = [d.select(F.lit(s).alias("input_split")) for s in splits for d in lines[s]]
     return SourceData(
         train=frames["train"], valid=frames.get("valid"), test=frames.get("test"),
         rejects=reduce(DataFrame.unionByName, rejects), fields=fields, dense_fields=dense,
         source_files={s: files[s] for s in SPLITS if s in files},
-        data_lines=reduce(DataFrame.unionByName, counted), parsed=rows)
+        data_lines=reduce(DataFrame.unionByName, counted),
+        header_lines={s: n for s, n in header_lines.items() if n}, parsed=rows)
 
 
 # ---------------------------------------------------------------- raw Ali-CCP
@@ -305,20 +365,27 @@ def _read_aliccp_raw(spark: SparkSession, input: str, fields: list[FieldInfo],
 # ---------------------------------------------------------------- CSV
 
 
-def _first_line(spark: SparkSession, path: str) -> Optional[str]:
-    """The first line of a file (None when it is empty): one line, not data, on the driver."""
-    rows = spark.read.text(path).limit(1).collect()
-    return rows[0]["value"] if rows else None
+_NUMBER_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def _is_header(line: str) -> bool:
-    """A first line is a header when its first token is not a number."""
-    token = line.lstrip("\ufeff").split(",", 1)[0].strip()
-    try:
-        float(token)
-    except ValueError:
+def _head(spark: SparkSession, path: str) -> list[str]:
+    """The first two lines of a file (fewer for a shorter one), on the driver: the header (if
+    any) and whether a data line follows. As the parser sees them (``make_valid_utf8``), so a
+    header compares equal to its later copies whatever bytes it holds."""
+    rows = spark.read.text(path).select(F.make_valid_utf8("value").alias("v")).limit(2).collect()
+    return [r["v"] for r in rows]
+
+
+def _is_header(fmt: _CsvFormat, line: str) -> bool:
+    """A first line is a header when it names a non-numeric column of the format (ignoring
+    case), or has several columns, none of them empty or a number. ``x,0,5,...`` (a bad
+    label) and a blank line are data."""
+    columns = _columns(line)
+    known = {c.lower() for c in (fmt.click, fmt.conversion, *fmt.default_columns, *fmt.dense)
+             if not _NUMBER_RE.fullmatch(c)}
+    if any(c.lower() in known for c in columns):
         return True
-    return False
+    return len(columns) > 1 and all(c and not _NUMBER_RE.fullmatch(c) for c in columns)
 
 
 def _columns(line: str) -> list[str]:
@@ -338,11 +405,16 @@ def _layout(fmt: _CsvFormat, headers: dict[str, Optional[list[str]]]) -> list[st
     return found[0] if found else list(fmt.default_columns)
 
 
-def _read_csv(spark: SparkSession, fmt: _CsvFormat, files: dict[str, list[str]]) -> SourceData:
-    """Read the CSV files of every split with ``fmt``."""
-    first = {p: _first_line(spark, p) for s in SPLITS for p in files.get(s, [])}
-    headers = {p: _columns(line) if line is not None and _is_header(line) else None
-               for p, line in first.items()}
+def _read_csv(spark: SparkSession, source: str, fmt: _CsvFormat,
+              files: dict[str, list[str]]) -> SourceData:
+    """Read the CSV files of every split with ``fmt``.
+
+    Raises:
+        ValueError: a header without a required column, or an input split without data lines.
+    """
+    heads = {p: _head(spark, p) for s in SPLITS for p in files.get(s, [])}
+    first = {p: head[0] if head and _is_header(fmt, head[0]) else None for p, head in heads.items()}
+    headers = {p: _columns(line) if line is not None else None for p, line in first.items()}
     layout = _layout(fmt, headers)
     labels = [fmt.click, fmt.conversion]
     names = [c for c in layout if c not in labels] if fmt.fields is None else list(fmt.fields)
@@ -351,39 +423,44 @@ def _read_csv(spark: SparkSession, fmt: _CsvFormat, files: dict[str, list[str]])
     required = labels + (order if fmt.fields is None else list(fmt.fields)) + list(fmt.dense)
     for path, cols in headers.items():
         _check_header(path, cols if cols is not None else layout, required)
+    for split, paths in files.items():
+        if all(len(heads[p]) <= int(first[p] is not None) for p in paths):
+            raise ValueError(f"{source}: {_no_data_error(split, paths)}")
     fields = [FieldInfo(n, fmt.group or group_of(n)) for n in order]
     parsed, lines = {}, {}
     for split, paths in files.items():
-        lines[split] = [_data_lines(spark, p, first[p] if headers[p] else None) for p in paths]
-        parsed[split] = [_parse_csv(d, p, headers[p] or layout, fmt, order, dense)
+        lines[split] = [spark.read.text(p) for p in paths]
+        parsed[split] = [_parse_csv(d, p, headers[p] or layout, fmt, order, dense, first[p])
                          for d, p in zip(lines[split], paths)]
-    return _assemble(parsed, lines, files, fields, dense, raw_ids=False)
-
-
-def _data_lines(spark: SparkSession, path: str, header: Optional[str]) -> DataFrame:
-    df = spark.read.text(path)
-    return df if header is None else df.filter(F.col("value") != F.lit(header))
+    header_lines = {s: sum(first[p] is not None for p in paths) for s, paths in files.items()}
+    return _assemble(parsed, lines, files, fields, dense, raw_ids=False,
+                     header_lines=header_lines)
 
 
 def _parse_csv(lines: DataFrame, path: str, columns: list[str], fmt: _CsvFormat,
-               fields: list[str], dense: list[str]) -> DataFrame:
-    """Parsed rows of one CSV file whose columns are ``columns``."""
-    split = aliccp_raw.barrier(lines.select(F.col("value").alias("_line"), F.split(
-        F.regexp_replace(F.col("value"), "\r$", ""), ",", -1).alias("_parts")))
+               fields: list[str], dense: list[str], header: Optional[str]) -> DataFrame:
+    """Parsed rows of one CSV file whose columns are ``columns`` (one per raw line; lines
+    equal to ``header``, the file's first line when it is a header, are marked)."""
+    split = aliccp_raw.barrier(lines.select(
+        aliccp_raw.readable_line(F.col("value")).alias("_line"), aliccp_raw.not_utf8(F.col("value")).alias("_bad_utf8"),
+        F.split(F.regexp_replace(F.col("value"), "\r$", ""), ",", -1).alias("_parts")))
 
     def value(name: str) -> Column:
         return F.trim(F.get(F.col("_parts"), columns.index(name)))
 
     missing = ["", "0"] if fmt.zero_is_missing else [""]
     values = split.select(
-        F.lit(path).alias("_source_file"), "_line", F.size("_parts").alias("_ncols"),
+        F.lit(path).alias("_source_file"), "_line", "_bad_utf8", F.size("_parts").alias("_ncols"),
         value(fmt.click).alias("click"), value(fmt.conversion).alias("conversion"),
         *[F.when(~value(f).isin(*missing), value(f)).alias(f) for f in fields],
         *[value(d).try_cast("double").alias(d) for d in dense])
     bad_dense = F.exists(F.array(*dense), lambda x: F.isnull(x) | F.isnan(x) | (
         F.abs(x) == float("inf"))) if dense else F.lit(False)
     bad_label, no_click = aliccp_raw.label_checks(F.col("click"), F.col("conversion"))
+    repeated = F.col("_line") == F.lit(header) if header is not None else F.lit(False)
     reason = aliccp_raw.first_reason([
+        (repeated, "repeated_header"),
+        (F.col("_bad_utf8"), "invalid_utf8"),
         (F.col("_ncols") != len(columns), "bad_column_count"),
         (bad_label, "bad_label"),
         (bad_dense, "bad_dense_value"),

@@ -405,3 +405,36 @@ def test_reject_bound_on_aitm_sample(spark, shared_fixtures, tmp_path):
                                                r"max_reject_fraction=0.01.*'conversion_without_click': 5"):
         fm.run_features(spark, cfg)
     assert not (tmp_path / "manifest.json").exists() and not (tmp_path / "features").exists()
+
+
+def test_split_by_input_file_takes_the_last_files_in_name_order(spark, tmp_path):
+    """``split_column: source_file``: a train input of one file per day; the last days (by
+    file name), as few as hold valid_fraction of the train rows and never all, are valid."""
+    from cvr_spark.data.sources import read_source
+
+    folder = tmp_path / "joined"
+    folder.mkdir()
+    days = {"train_day3.txt": 3, "train_day1.txt": 6, "train_day2.txt": 3}  # written out of order
+    sid = 0
+    for name, n in days.items():
+        lines = []
+        for _ in range(n):
+            sid += 1
+            lines.append(f"{sid},{sid % 2},0,101:u{sid % 3},205:i{sid % 2}")
+        (folder / name).write_text("\n".join(lines) + "\n")
+    train = read_source(spark, "paddle-joined", str(folder)).train
+    by_file = {r["_file_index"]: r["count"] for r in train.groupBy("_file_index").count().collect()}
+    assert by_file == {0: 6, 1: 3, 2: 3}  # day1, day2, day3
+    assert fm.file_threshold(train, 0.2) == 2   # day3 (3 of 12 rows) reaches 20 %
+    assert fm.file_threshold(train, 0.4) == 1   # day2 + day3 reach 40 %
+    assert fm.file_threshold(train, 0.9) == 1   # day1 always stays train
+    with pytest.raises(ValueError, match="at least 2 files"):
+        fm.file_threshold(train.where("_file_index = 0"), 0.2)
+    cfg = fm.FeaturesConfig(source="paddle-joined", input=str(folder), output=str(tmp_path / "out"),
+                            min_count=1, valid_fraction=0.2, split_column="source_file")
+    manifest = fm.run_features(spark, cfg)
+    assert manifest["rows"] == {"train": 9, "valid": 3}
+    assert manifest["split"]["mode"] == "column" and manifest["split"]["threshold"] == 2
+    valid_ids = {r["sample_id"] for r in read_table(spark, str(tmp_path / "out" / "features")).where(
+        "split = 'valid'").select("sample_id").collect()}
+    assert len(valid_ids) == 3

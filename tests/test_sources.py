@@ -68,7 +68,7 @@ def test_raw_fixture_exact_rows_and_rejects(spark) -> None:
     data = read_source(spark, "aliccp-raw", str(RAW), fields="full")
     assert [f.name for f in data.fields] == FULL
     assert [f.name for f in data.fields if f.multi] == ["109_14", "110_14", "127_14", "150_14"]
-    assert data.train.columns == ["sample_id", "click", "conversion", *FULL, "_split_key"]
+    assert data.train.columns == ["sample_id", "click", "conversion", *FULL, "_split_key", "_file_index"]
     assert dict(data.train.dtypes)["109_14"] == "array<string>"
     assert dict(data.train.dtypes)["sample_id"] == "bigint"
     rows = {r["sample_id"]: r.asDict() for r in data.train.unionByName(data.test).collect()}
@@ -136,7 +136,7 @@ def test_raw_aitm18_preset_and_optional_test_pair(spark, tmp_path: Path) -> None
         shutil.copy(RAW / name, tmp_path / name)
     data = read_source(spark, "aliccp-raw", str(tmp_path))
     assert data.test is None and data.valid is None and list(data.source_files) == ["train"]
-    assert data.train.columns == ["sample_id", "click", "conversion", *AITM18, "_split_key"]
+    assert data.train.columns == ["sample_id", "click", "conversion", *AITM18, "_split_key", "_file_index"]
     assert all(not f.multi for f in data.fields)
     row = data.train.filter(F.col("sample_id") == 1).first()
     assert (row["101"], row["205"], row["508"]) == ("1001", "3001", "4001")
@@ -165,7 +165,7 @@ def test_aitm_fixture_headerless_test_and_invalid_rows(spark, shared_fixtures: P
     folder = shared_fixtures / "PaddleRec" / "aitm"
     data = read_source(spark, "aitm-csv", str(folder))
     assert [f.name for f in data.fields] == AITM18
-    assert data.train.columns == ["sample_id", "click", "conversion", *AITM18, "_split_key"]
+    assert data.train.columns == ["sample_id", "click", "conversion", *AITM18, "_split_key", "_file_index"]
     kept, rejects, inputs = accounting(data)
     for split, header in (("train", True), ("test", False)):
         rows = csv_rows(folder / f"{split}.csv", header)

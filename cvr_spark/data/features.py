@@ -16,6 +16,10 @@ Decisions where the spec is silent:
   the partitioning) else ``sample_id``; independent of partitioning, cores and row order.
 * ``split_column`` split: rows of the train input with value >= the (1 - valid_fraction)
   ``percentile_approx`` (accuracy ``quantile_accuracy``) are valid; nulls stay train.
+  ``split_column: source_file`` splits by input file (a train input of several files, e.g.
+  one per day): the last files in name order, as few as hold ``valid_fraction`` of the train
+  rows and never every file, are valid (whole files: the fraction is a lower bound); the
+  manifest's ``threshold`` is the first valid file's index in name order.
 * Missing multi-valued fields encode as an empty array; null elements inside an array as 0.
 * Only null is "missing": raw ids are compared as strings, so ``"0"`` is an ordinary id.
 * The label contract is checked (0/1, conversion <= click) in the statistics pass; rows
@@ -53,6 +57,8 @@ ROW_ID = "_row"
 # The random split hashes this column when the source provides it (cvr_spark.data.sources: the raw
 # id, or for sources without ids a hash of the file name and the line), else ``sample_id``.
 SPLIT_KEY = "_split_key"
+# ``split_column: source_file`` splits by input file, through the sources' file index column.
+FILE_SPLIT, FILE_INDEX = "source_file", "_file_index"
 _BITS53 = (1 << 53) - 1
 
 
@@ -277,12 +283,38 @@ def unit_hash(seed: int, column: str = "sample_id") -> Column:
     return h.cast("double") / F.lit(float(1 << 53))
 
 
+def file_threshold(df: DataFrame, valid_fraction: float) -> int:
+    """The split by input file: the first file index (name order, see ``sources.FILE_INDEX``)
+    from which the last files of the train input hold at least ``valid_fraction`` of its rows;
+    never the first file, so that train keeps at least one file. One small aggregation.
+
+    Raises:
+        KeyError: the frame has no file index. ValueError: the train input is a single file.
+    """
+    if FILE_INDEX not in df.columns:
+        raise KeyError(f"split_column '{FILE_SPLIT}': the source gives no input file index (columns: {df.columns})")
+    rows = {int(r[FILE_INDEX]): int(r["count"]) for r in df.groupBy(FILE_INDEX).count().collect()}
+    if len(rows) < 2:
+        raise ValueError(f"split_column '{FILE_SPLIT}' needs a train input of at least 2 files with rows "
+                         f"(found {len(rows)}); use the random split (no split_column) instead")
+    order = sorted(rows)
+    total, tail, cut = sum(rows.values()), 0, order[-1]
+    for index in reversed(order[1:]):
+        tail, cut = tail + rows[index], index
+        if tail >= valid_fraction * total:
+            break
+    return cut
+
+
 def split_threshold(df: DataFrame, column: str, valid_fraction: float, accuracy: int = 10_000) -> Any:
-    """The (1 - valid_fraction) quantile of ``column`` (numeric, date or timestamp).
+    """The (1 - valid_fraction) quantile of ``column`` (numeric, date or timestamp); for
+    ``source_file``, :func:`file_threshold`.
 
     Raises:
         KeyError: no such column. TypeError: the column is not orderable as a number or time.
     """
+    if column == FILE_SPLIT:
+        return file_threshold(df, valid_fraction)
     if column not in df.columns:
         raise KeyError(f"split_column '{column}' not in the input (columns: {df.columns})")
     kind = df.schema[column].dataType.simpleString()
@@ -308,7 +340,8 @@ def assign_split(df: DataFrame, valid_fraction: float, seed: int, split_column: 
     elif split_column:
         if threshold is None:
             threshold = split_threshold(df.where(src == "train"), split_column, valid_fraction)
-        to_valid = F.coalesce(F.col(split_column) >= F.lit(threshold), F.lit(False))
+        column = FILE_INDEX if split_column == FILE_SPLIT else split_column
+        to_valid = F.coalesce(F.col(column) >= F.lit(threshold), F.lit(False))
     else:
         to_valid = unit_hash(seed, SPLIT_KEY if SPLIT_KEY in df.columns else "sample_id") < F.lit(float(valid_fraction))
     split = F.when(src == "train", F.when(to_valid, F.lit("valid")).otherwise(F.lit("train"))).otherwise(src)

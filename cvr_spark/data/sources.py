@@ -60,6 +60,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from cvr_spark.data import aliccp_raw
+from cvr_spark.data.features import FILE_INDEX
 from cvr_spark.data.fields import AITM18, FULL, FieldInfo, aliccp_fields, group_of
 
 SOURCES = ("aliccp-raw", "aitm-csv", "rechub-csv", "paddle-joined", "aliexpress-csv")
@@ -283,11 +284,19 @@ def _with_split_key(df: DataFrame, raw_ids: bool) -> DataFrame:
     return df.withColumn("_split_key", F.xxhash64(name, F.col("_line")))
 
 
+def _with_file_index(df: DataFrame, paths: list[str]) -> DataFrame:
+    """``_file_index``: the position of the row's input file among its split's files in name
+    order (``features.split_column=source_file`` splits by it: the last files are valid)."""
+    order = {p: i for i, p in enumerate(sorted(paths, key=lambda p: (p.rsplit("/", 1)[-1], p)))}
+    index = F.create_map(*[F.lit(x) for p, i in order.items() for x in (p, i)])
+    return df.withColumn(FILE_INDEX, index[F.col("_source_file")].cast("int"))
+
+
 def _canonical(df: DataFrame, fields: list[FieldInfo], dense: list[str]) -> DataFrame:
     return df.filter(F.col("_reason").isNull()).select(
         F.col("sample_id").cast("long"), F.col("click").cast("int"),
         F.col("conversion").cast("int"), *[F.col(f.name) for f in fields],
-        *[F.col(d).cast("double") for d in dense], F.col("_split_key").cast("long"))
+        *[F.col(d).cast("double") for d in dense], F.col("_split_key").cast("long"), FILE_INDEX)
 
 
 def _without_headers(rejects: DataFrame) -> DataFrame:
@@ -312,8 +321,8 @@ def _assemble(parsed: dict[str, list[DataFrame]], lines: dict[str, list[DataFram
     """
     header_lines = header_lines or {}
     splits = [s for s in SPLITS if s in parsed]
-    per_split = {s: _with_split_key(reduce(DataFrame.unionByName, parsed[s]), raw_ids)
-                 for s in splits}
+    per_split = {s: _with_file_index(_with_split_key(reduce(DataFrame.unionByName, parsed[s]), raw_ids),
+                                     files[s]) for s in splits}
     if not raw_ids:
         per_split = {s: _generated_ids(df, s) for s, df in per_split.items()}
     rows = reduce(DataFrame.unionByName, [df.withColumn("input_split", F.lit(s))

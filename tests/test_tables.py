@@ -40,6 +40,7 @@ def test_feature_job_into_a_file_uri_records_versions_and_its_manifest(spark, sh
         manifest = run_features(spark, cfg)
         assert {t["version"] for t in manifest["tables"].values()} == {0}, fmt  # was None for URIs
         assert json.loads((out / fmt / "manifest.json").read_text())["tables"] == manifest["tables"]
+        assert manifest["fields_preset"] is None  # a CSV source: its own columns, not features.fields
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert (out / "parquet" / "features" / "_latest").read_text() == "0"
     assert Path(out / "delta" / "features" / "_delta_log").is_dir()

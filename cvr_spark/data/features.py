@@ -59,6 +59,8 @@ ROW_ID = "_row"
 SPLIT_KEY = "_split_key"
 # ``split_column: source_file`` splits by input file, through the sources' file index column.
 FILE_SPLIT, FILE_INDEX = "source_file", "_file_index"
+# Sources whose fields come from ``FeaturesConfig.fields`` (aitm18 / full); CSV sources carry their own.
+PRESET_SOURCES = ("aliccp-raw", "paddle-joined")
 _BITS53 = (1 << 53) - 1
 
 
@@ -462,6 +464,8 @@ def build_manifest(cfg: FeaturesConfig, data: SourceLike, sizes: dict[str, int],
         "dense_fields": list(data.dense_fields),
         "user_key_field": USER_KEY_FIELD if USER_KEY_FIELD in names else None,
         "item_key_field": ITEM_KEY_FIELD if ITEM_KEY_FIELD in names else None,
+        # the preset that chose the fields; None where the source brings its own (CSV sources)
+        "fields_preset": cfg.fields if cfg.source in PRESET_SOURCES else None,
         "labels": list(LABELS), "rows": rows, "label_rates": rates, **facts,
         "config": dataclasses.asdict(cfg), "source": cfg.source,
         "source_files": {k: list(v) for k, v in (data.source_files or {}).items()},

@@ -19,25 +19,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_rank(rank: int, world_size: int, data_dir: str, base: str, port: int) -> None:
-    """One rank: gloo group, real FeatureLoader shards, fit() into a per-rank out dir."""
+def _esmm_rank(rank: int, world_size: int, data_dir: str, port: int) -> tuple:
+    """Join a 2-rank gloo group and build this rank's ESMM run: (model, train and valid
+    FeatureLoader shards, TrainConfig). The caller destroys the process group."""
     import torch.distributed as dist
 
     from cvr_spark.models import registry
     from cvr_spark.models.base import FeatureSpec
     from cvr_spark.train.loader import FeatureLoader, load_manifest
-    from cvr_spark.train.loop import TrainConfig, fit
+    from cvr_spark.train.loop import TrainConfig
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    spec = FeatureSpec.from_manifest(load_manifest(data_dir))
+    model = registry.build("esmm", spec, registry.preset_options("esmm", "fast", {"batch_size": 150}))
+    kw = dict(rank=rank, world_size=world_size, seed=0, spec=spec)
+    train = FeatureLoader(data_dir, "train", 150, shuffle=True, **kw)
+    valid = FeatureLoader(data_dir, "valid", 1000, shuffle=False, **kw)
+    cfg = TrainConfig(epochs=2, patience=0, progress=False, num_threads=1, checkpoint_every=3)
+    return model, train, valid, cfg
+
+
+def _ddp_rank(rank: int, world_size: int, data_dir: str, base: str, port: int) -> None:
+    """One rank: gloo group, real FeatureLoader shards, fit() into a per-rank out dir."""
+    import torch.distributed as dist
+
+    from cvr_spark.train.loop import fit
+
     try:
-        torch.manual_seed(0)
-        spec = FeatureSpec.from_manifest(load_manifest(data_dir))
-        model = registry.build("esmm", spec, registry.preset_options("esmm", "fast", {"batch_size": 150}))
-        kw = dict(rank=rank, world_size=world_size, seed=0, spec=spec)
-        train = FeatureLoader(data_dir, "train", 150, shuffle=True, **kw)
-        valid = FeatureLoader(data_dir, "valid", 1000, shuffle=False, **kw)
-        cfg = TrainConfig(epochs=2, patience=0, progress=False, num_threads=1, checkpoint_every=3)
+        model, train, valid, cfg = _esmm_rank(rank, world_size, data_dir, port)
         result = fit(model, train, valid, cfg, Path(base) / f"rank{rank}", rank=rank, world_size=world_size)
         digest = float(sum(p.detach().double().sum() for p in model.parameters()))
         # The test harness (not fit) records what each rank saw, outside the run folders.
@@ -46,7 +57,8 @@ def _ddp_rank(rank: int, world_size: int, data_dir: str, base: str, port: int) -
              "valid_rows": valid.total_rows, "shard_rows": valid.num_rows,
              "train_rows": train.total_rows, "train_shard": train.num_rows}, default=str))
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # init may have failed inside _esmm_rank
+            dist.destroy_process_group()
 
 
 def test_ddp_fit_gathers_validation_and_only_rank0_writes(tmp_path):
@@ -177,27 +189,16 @@ def _resume_rank(rank: int, world_size: int, data_dir: str, out: str, port: int,
     """One rank of a 2-rank run; ``kill_after`` > 0: every rank stops after that many steps."""
     import torch.distributed as dist
 
-    from cvr_spark.models import registry
-    from cvr_spark.models.base import FeatureSpec
-    from cvr_spark.train.loader import FeatureLoader, load_manifest
-    from cvr_spark.train.loop import TrainConfig, fit
+    from cvr_spark.train.loop import fit
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        torch.manual_seed(0)
-        spec = FeatureSpec.from_manifest(load_manifest(data_dir))
-        model = registry.build("esmm", spec, registry.preset_options("esmm", "fast", {"batch_size": 150}))
+        model, train, valid, cfg = _esmm_rank(rank, world_size, data_dir, port)
         if kill_after:
             def stop(batch, out):
                 model.steps = getattr(model, "steps", 0) + 1
                 if model.steps == kill_after:
                     raise KeyboardInterrupt("simulated kill")
             model.on_train_batch_end = stop
-        kw = dict(rank=rank, world_size=world_size, seed=0, spec=spec)
-        train = FeatureLoader(data_dir, "train", 150, shuffle=True, **kw)
-        valid = FeatureLoader(data_dir, "valid", 1000, shuffle=False, **kw)
-        cfg = TrainConfig(epochs=2, patience=0, progress=False, num_threads=1, checkpoint_every=3)
         try:
             result = fit(model, train, valid, cfg, out, rank=rank, world_size=world_size)
         except KeyboardInterrupt:
@@ -206,7 +207,8 @@ def _resume_rank(rank: int, world_size: int, data_dir: str, out: str, port: int,
             history = [(h["train_loss"], h["samples"]) for h in result["history"]]
             Path(out, "history.json").write_text(json.dumps(history))
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # init may have failed inside _esmm_rank
+            dist.destroy_process_group()
 
 
 def test_ddp_resume_mid_epoch_reports_the_epochs_loss_over_every_rank(tmp_path):

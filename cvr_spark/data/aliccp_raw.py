@@ -154,18 +154,19 @@ def raw_field_columns(tokens: str, names: str, fields: Sequence[FieldInfo], pref
     return cols
 
 
-def _raw_list_ok(feature_list: Column) -> Column:
-    """The whole list is well formed (empty, or every token matches :data:`RAW_FEATURE_RE`).
+def _raw_well_formed(feature_list: Column) -> Column:
+    """How many features of a list match :data:`RAW_FEATURE_RE` (0 for an empty list); the list
+    is well formed when that equals its number of features (``size`` of :func:`_raw_tokens`,
+    compared by the callers on their ``_tokens`` column, so the list is split once).
 
-    One regex scan of the line instead of one per token: the tokens that match, each bounded by
-    the list's start/end or a separator, are counted and compared with the number of tokens. Not
-    a single pattern over the whole list (``^T(\x01T)*$``): Java's regex engine recurses once per
-    repetition of such a group and overflows the stack on a real Ali-CCP common line (about 870
-    features per user), which kills the JVM.
+    One regex scan of the line instead of one per token, each match bounded by the list's
+    start/end or a separator. Not a single pattern over the whole list (``^T(\x01T)*$``):
+    Java's regex engine recurses once per repetition of such a group and overflows the stack on
+    a real Ali-CCP common line (about 870 features per user), which kills the JVM.
     """
     token = RAW_FEATURE_RE[1:-1]
     bounded = f"(?<=\\A|{FEATURE_SEP})(?:{token})(?={FEATURE_SEP}|\\z)"
-    return (feature_list == "") | (F.regexp_count(feature_list, F.lit(bounded)) == F.size(_raw_tokens(feature_list)))
+    return F.regexp_count(feature_list, F.lit(bounded))
 
 
 def _malformed(tokens: Column, pattern: str) -> Column:
@@ -186,9 +187,10 @@ def read_common(spark: SparkSession, path: str, fields: Sequence[FieldInfo]) -> 
     tokens = barrier(_split_lines(spark, path).select(
         F.get(parts, 0).alias("_key"), F.size(parts).alias("_ncols"), "_utf8_bad",
         F.get(parts, 1).try_cast("int").alias("_count"),
-        _raw_list_ok(F.get(parts, 2)).alias("_ok"),
+        _raw_well_formed(F.get(parts, 2)).alias("_well_formed"),
         _raw_tokens(F.get(parts, 2)).alias("_tokens"), _raw_names(F.get(parts, 2)).alias("_names")))
-    bad = (F.col("_ncols") != 3) | (F.col("_count") != F.size("_tokens")) | ~F.col("_ok") | F.col("_utf8_bad")
+    n = F.size("_tokens")
+    bad = (F.col("_ncols") != 3) | (F.col("_count") != n) | (F.col("_well_formed") != n) | F.col("_utf8_bad")
     parsed = tokens.select("_key", F.coalesce(bad, F.lit(True)).cast("int").alias("_bad"),
                            *raw_field_columns("_tokens", "_names", fields, "_c_"))
     return parsed.groupBy("_key").agg(
@@ -206,11 +208,12 @@ def read_skeleton(spark: SparkSession, path: str, common: DataFrame,
         F.get(parts, 0).try_cast("long").alias("_raw_id"),
         F.get(parts, 1).alias("click"), F.get(parts, 2).alias("conversion"),
         F.get(parts, 3).alias("_key"), F.get(parts, 4).try_cast("int").alias("_count"),
-        _raw_list_ok(F.get(parts, 5)).alias("_ok"),
+        _raw_well_formed(F.get(parts, 5)).alias("_well_formed"),
         _raw_tokens(F.get(parts, 5)).alias("_tokens"), _raw_names(F.get(parts, 5)).alias("_names")))
     base = tokens.select(
         "_source_file", "_line", "_ncols", "_raw_id", "click", "conversion", "_key", "_utf8_bad",
-        (F.col("_count") != F.size("_tokens")).alias("_count_bad"), (~F.col("_ok")).alias("_feat_bad"),
+        (F.col("_count") != F.size("_tokens")).alias("_count_bad"),
+        (F.col("_well_formed") != F.size("_tokens")).alias("_feat_bad"),
         *raw_field_columns("_tokens", "_names", fields, "_s_"))
     joined = base.join(F.broadcast(common) if broadcast_common else common, on="_key", how="left")
     bad_label, no_click = label_checks(F.col("click"), F.col("conversion"))

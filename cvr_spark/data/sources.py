@@ -379,9 +379,9 @@ _NUMBER_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 def _head(spark: SparkSession, path: str) -> list[str]:
     """The first two lines of a file (fewer for a shorter one), on the driver: the header (if
-    any) and whether a data line follows. As the parser sees them (``make_valid_utf8``), so a
+    any) and whether a data line follows. As the parser sees them (``readable_line``), so a
     header compares equal to its later copies whatever bytes it holds."""
-    rows = spark.read.text(path).select(F.make_valid_utf8("value").alias("v")).limit(2).collect()
+    rows = spark.read.text(path).select(aliccp_raw.readable_line(F.col("value")).alias("v")).limit(2).collect()
     return [r["v"] for r in rows]
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
+import tempfile
 import time
 from typing import Any
 
@@ -148,11 +148,10 @@ def bench_single(name: str, device: str, threads: int, args: argparse.Namespace,
             "embedding_optimizer": embedding_optimizer(model, args), "samples_per_s": rate}
 
 
-def _ddp_rank(rank: int, world: int, name: str, port: int, args: argparse.Namespace, queue: Any) -> None:
+def _ddp_rank(rank: int, world: int, name: str, store: str, args: argparse.Namespace, queue: Any) -> None:
     import torch.distributed as dist
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         model = build_model(name, "cpu")
         net, opt = prepare(model, "cpu", args.embedding_optimizer, ddp=True)
@@ -166,13 +165,11 @@ def _ddp_rank(rank: int, world: int, name: str, port: int, args: argparse.Namesp
 def bench_ddp(name: str, args: argparse.Namespace, world: int = 2) -> dict:
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_ddp_rank, args=(world, name, port, args, queue), nprocs=world, join=True,
-                       start_method="spawn")
+    with tempfile.TemporaryDirectory() as tmp:  # a rendezvous file: no free-port race
+        mp.start_processes(_ddp_rank, args=(world, name, f"file://{tmp}/rendezvous", args, queue), nprocs=world,
+                           join=True, start_method="spawn")
     got = [queue.get() for _ in range(world)]
     rates = {rank: rate for rank, rate, _ in got}
     return {"model": name, "setting": "ddp-gloo-cpu", "threads": 1, "processes": world,

@@ -3,8 +3,7 @@ run of ``fit`` showing that validation covers the whole split and that only rank
 from __future__ import annotations
 
 import json
-import os
-import socket
+import uuid
 from pathlib import Path
 
 import pytest
@@ -13,24 +12,27 @@ import torch
 from tests.test_loop import write_features
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _store(tmp_path: Path) -> str:
+    """A fresh rendezvous file for one 2-rank group (``init_method="file://..."``): unlike a
+    port picked free in advance, no other process can take it before the ranks rendezvous."""
+    return f"file://{tmp_path / f'rendezvous-{uuid.uuid4().hex}'}"
 
 
-def _esmm_rank(rank: int, world_size: int, data_dir: str, port: int) -> tuple:
-    """Join a 2-rank gloo group and build this rank's ESMM run: (model, train and valid
-    FeatureLoader shards, TrainConfig). The caller destroys the process group."""
+def _init_group(rank: int, world_size: int, store: str) -> None:
     import torch.distributed as dist
 
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world_size)
+
+
+def _esmm_rank(rank: int, world_size: int, data_dir: str, store: str) -> tuple:
+    """Join a 2-rank gloo group and build this rank's ESMM run: (model, train and valid
+    FeatureLoader shards, TrainConfig). The caller destroys the process group."""
     from cvr_spark.models import registry
     from cvr_spark.models.base import FeatureSpec
     from cvr_spark.train.loader import FeatureLoader, load_manifest
     from cvr_spark.train.loop import TrainConfig
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    _init_group(rank, world_size, store)
     torch.manual_seed(0)
     spec = FeatureSpec.from_manifest(load_manifest(data_dir))
     model = registry.build("esmm", spec, registry.preset_options("esmm", "fast", {"batch_size": 150}))
@@ -41,14 +43,14 @@ def _esmm_rank(rank: int, world_size: int, data_dir: str, port: int) -> tuple:
     return model, train, valid, cfg
 
 
-def _ddp_rank(rank: int, world_size: int, data_dir: str, base: str, port: int) -> None:
+def _ddp_rank(rank: int, world_size: int, data_dir: str, base: str, store: str) -> None:
     """One rank: gloo group, real FeatureLoader shards, fit() into a per-rank out dir."""
     import torch.distributed as dist
 
     from cvr_spark.train.loop import fit
 
     try:
-        model, train, valid, cfg = _esmm_rank(rank, world_size, data_dir, port)
+        model, train, valid, cfg = _esmm_rank(rank, world_size, data_dir, store)
         result = fit(model, train, valid, cfg, Path(base) / f"rank{rank}", rank=rank, world_size=world_size)
         digest = float(sum(p.detach().double().sum() for p in model.parameters()))
         # The test harness (not fit) records what each rank saw, outside the run folders.
@@ -67,7 +69,7 @@ def test_ddp_fit_gathers_validation_and_only_rank0_writes(tmp_path):
     data = write_features(tmp_path / "data", n=2000, rows_per_group=100)
     base = tmp_path / "out"
     base.mkdir()
-    mp.spawn(_ddp_rank, args=(2, str(data), str(base), _free_port()), nprocs=2, join=True)
+    mp.spawn(_ddp_rank, args=(2, str(data), str(base), _store(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((base / f"result{r}.json").read_text()) for r in (0, 1))
     assert sorted(p.name for p in (base / "rank0").iterdir()) == ["checkpoint.pt"]
     assert not (base / "rank1").exists(), "rank 1 wrote files"
@@ -116,14 +118,13 @@ def test_train_distributed_rejects_bad_jobs(tmp_path):
         train_distributed({k: v for k, v in job.items() if k != "seed"}, 2, use_gpu=False)
 
 
-def _lazy_rank(rank: int, world_size: int, port: int, out: str) -> None:
+def _lazy_rank(rank: int, world_size: int, store: str, out: str) -> None:
     """Two ranks, each half of every batch, lazy embedding Adam through the loop's DDP wrapper."""
     import torch.distributed as dist
 
     from cvr_spark.train.loop import wrap_ddp
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    _init_group(rank, world_size, store)
     try:
         torch.manual_seed(100 + rank)  # different initial weights: DDP and prepare_ddp copy rank 0's
         model, opt = _lazy_model()
@@ -172,7 +173,7 @@ def test_ddp_lazy_embedding_rows_match_one_process_on_the_whole_batch(tmp_path):
     process with the whole batch ends, with identical tables on both ranks."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_lazy_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_lazy_rank, args=(2, _store(tmp_path), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"lazy{r}.pt", weights_only=True) for r in (0, 1))
     torch.manual_seed(100)  # rank 0's initial weights
     model, opt = _lazy_model()
@@ -185,14 +186,14 @@ def test_ddp_lazy_embedding_rows_match_one_process_on_the_whole_batch(tmp_path):
         torch.testing.assert_close(r0[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
-def _resume_rank(rank: int, world_size: int, data_dir: str, out: str, port: int, kill_after: int) -> None:
+def _resume_rank(rank: int, world_size: int, data_dir: str, out: str, store: str, kill_after: int) -> None:
     """One rank of a 2-rank run; ``kill_after`` > 0: every rank stops after that many steps."""
     import torch.distributed as dist
 
     from cvr_spark.train.loop import fit
 
     try:
-        model, train, valid, cfg = _esmm_rank(rank, world_size, data_dir, port)
+        model, train, valid, cfg = _esmm_rank(rank, world_size, data_dir, store)
         if kill_after:
             def stop(batch, out):
                 model.steps = getattr(model, "steps", 0) + 1
@@ -219,10 +220,10 @@ def test_ddp_resume_mid_epoch_reports_the_epochs_loss_over_every_rank(tmp_path):
 
     data = str(write_features(tmp_path / "data", n=2000, rows_per_group=70))
     ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
-    mp.spawn(_resume_rank, args=(2, data, ref, _free_port(), 0), nprocs=2, join=True)
-    mp.spawn(_resume_rank, args=(2, data, run, _free_port(), 5), nprocs=2, join=True)
+    mp.spawn(_resume_rank, args=(2, data, ref, _store(tmp_path), 0), nprocs=2, join=True)
+    mp.spawn(_resume_rank, args=(2, data, run, _store(tmp_path), 5), nprocs=2, join=True)
     assert not Path(run, "history.json").exists()
-    mp.spawn(_resume_rank, args=(2, data, run, _free_port(), 0), nprocs=2, join=True)
+    mp.spawn(_resume_rank, args=(2, data, run, _store(tmp_path), 0), nprocs=2, join=True)
     expected, resumed = (json.loads(Path(d, "history.json").read_text()) for d in (ref, run))
     assert [s for _, s in resumed] == [s for _, s in expected]
     assert [loss for loss, _ in resumed] == pytest.approx([loss for loss, _ in expected], rel=1e-9)

@@ -313,6 +313,8 @@ def test_empty_click_space_gives_finite_loss() -> None:
     terms = model.loss(batch, model(batch))
     assert all(torch.isfinite(v) for v in terms.values())
     terms["total"].backward()
+    # in the graph even without clicks (DDP runs with find_unused_parameters=False)
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
 # --------------------------------------------------------------------------- ablations

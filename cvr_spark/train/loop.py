@@ -80,7 +80,11 @@ class TrainConfig:
     # optional extra, same interface; needs pyarrow<15 and numpy<2, so pyspark<=4.0).
     loader: str = "arrow"
     progress: bool = True
-    find_unused_parameters: bool = True
+    # DDP's find_unused_parameters. Off: every registered model puts every trainable parameter in
+    # the graph of every training step, also in a batch without clicks (tests/test_registry.py),
+    # so DDP needs no extra pass over the autograd graph per step. A custom model that leaves a
+    # parameter out of a step must set it true (DDP then fails at the next step saying so).
+    find_unused_parameters: bool = False
     # CPU training: raise glibc malloc's mmap/trim thresholds so that activation-sized tensors
     # reuse heap memory instead of page-faulting fresh mmap'd pages (cvr_spark.train.cpu).
     tune_malloc: bool = True
@@ -118,7 +122,7 @@ class TrainConfig:
 
 
 def wrap_ddp(module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-             find_unused_parameters: bool = True) -> nn.Module:
+             find_unused_parameters: bool = False) -> nn.Module:
     """``module`` in DistributedDataParallel, with ``optimizer``'s row-wise embedding tables kept
     out of DDP's dense all-reduce (the optimiser all-reduces their looked-up rows; see
     :func:`cvr_spark.train.optim.prepare_ddp`). The process group must be initialised."""

@@ -173,6 +173,21 @@ def test_gradients_reach_every_parameter(overrides: dict) -> None:
     assert (model.info is None) == (overrides.get("click_perceptron") is False)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"sm_mode": "B"}])
+def test_trains_under_bfloat16_autocast_with_graphs(overrides: dict) -> None:
+    """train.amp=true on CPU: the structure migrator's graph lookups under bfloat16 autocast."""
+    model = make_model(**overrides)
+    model.train()
+    batch = make_batch(128, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    out = {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
+    terms = model.loss(batch, out)
+    assert all(bool(torch.isfinite(v)) for v in terms.values())
+    terms["total"].backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+
+
 def test_option_a_matches_formula_and_reaches_ecvr_through_both_terms() -> None:
     model = make_model(sm_alpha=0.3)
     batch = make_batch(1, seed=3)

@@ -18,7 +18,7 @@ from cvr_spark import losses
 from cvr_spark.models.base import MLP, CVRModel, EmbeddingArch, FeatureSpec, ModelConfig
 from cvr_spark.train import checkpoint as ckpt
 from cvr_spark.train.experiment import make_train_config, parse_overrides
-from cvr_spark.train.loop import TrainConfig, fit, predict, validation_score
+from cvr_spark.train.loop import TrainConfig, amp_supported, fit, predict, validation_score
 
 SPEC = FeatureSpec(sparse_fields=("101", "205", "301"), sparse_vocab=(200, 15, 4),
                    groups={"101": "user", "205": "item", "301": "context"})
@@ -137,6 +137,31 @@ def test_same_seed_same_metrics_and_checkpoint_loads_weights_only(tmp_path):
     assert state["table_versions"]["train"] == 7 and len(state["rng"]) == 1
     assert set(state["rng"][0]) >= {"python", "numpy", "torch"}
     assert state["loop"]["done"] and state["best_model"] is not None
+
+
+def test_amp_on_cpu_autocasts_to_bfloat16_where_the_cpu_has_it(tmp_path, caplog):
+    """train.amp=true on CPU: bfloat16 autocast (the MLP's matmuls run in bfloat16, losses in
+    float32) on a CPU with native bfloat16, else a warning and float32; float16 never on CPU."""
+    assert not amp_supported(torch.device("cpu"), "float16")
+    assert amp_supported(torch.device("cuda"), "float16") and amp_supported(torch.device("cuda"), "bfloat16")
+    native = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    assert amp_supported(torch.device("cpu"), "bfloat16") == native
+    seen = []
+    for amp in (False, True):
+        model = make_model(4)
+        hook = model.net.net[0].register_forward_hook(lambda m, i, o: seen.append((model.training, o.dtype)))
+        with caplog.at_level("WARNING", logger="cvr_spark.train.loop"):
+            result = fit(model, *loaders(), quiet(epochs=1, amp=amp), tmp_path / f"amp{amp}")
+        hook.remove()
+        train_dtypes = {dtype for training, dtype in seen if training}
+        assert train_dtypes == ({torch.bfloat16} if amp and native else {torch.float32}), (amp, train_dtypes)
+        assert {dtype for training, dtype in seen if not training} == {torch.float32}  # evaluation
+        assert math.isfinite(result["history"][0]["train_loss"]) and result["valid"]["ctr_auc"] > 0.6
+        seen.clear()
+    assert ("train.amp=true ignored" in caplog.text) == (not native)
+    with caplog.at_level("WARNING", logger="cvr_spark.train.loop"):
+        fit(make_model(4), *loaders(), quiet(epochs=1, amp=True, amp_dtype="float16"), tmp_path / "fp16")
+    assert "train.amp=true ignored: float16 autocast needs a CUDA device" in caplog.text
 
 
 # killed during step 14 (last checkpoint: step 12, mid-epoch) / step 21 (last: end of epoch 1)

@@ -51,6 +51,27 @@ def test_every_model_trains_one_step(name, preset, clicks):
     opt.step()
 
 
+@pytest.mark.parametrize("name", sorted(EXPECTED | set(registry.names())))
+def test_every_model_trains_one_step_under_bfloat16_autocast(name):
+    """train.amp=true: the loop's forward under CPU bfloat16 autocast, outputs cast back to
+    float32 for the losses (cvr_spark.train.loop), gives finite losses and gradients."""
+    torch.manual_seed(0)
+    spec = make_spec(n_sparse=4, vocab=12)
+    options = registry.preset_options(name, "paper")
+    if name == "cstwa":  # with graphs: test_cstwa
+        options["structure_migrator"] = False
+    model = registry.build(name, spec, options)
+    batch = make_batch(spec, 64, seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    out = {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
+    terms = model.loss(batch, out)
+    assert all(math.isfinite(float(v.detach())) for v in terms.values())
+    terms["total"].backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) and g.dtype == torch.float32 for g in grads)
+
+
 def test_models_command_prints_one_entry_per_name(capsys):
     assert main(["models"]) == 0
     text = capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""The benchmarks' shared provenance block (benchmarks/_provenance.py): fast, no Spark, no torch."""
+"""The benchmarks' shared provenance block (benchmarks/_provenance.py), and the training-epoch
+benchmark at a tiny size (no Spark)."""
 from __future__ import annotations
 
 import importlib.util
@@ -83,3 +84,29 @@ def test_cpu_model_reads_proc_cpuinfo():
              if line.split(":", 1)[0].strip() == "model name"]
     if names:
         assert provenance.cpu_model() == names[0]
+
+
+def test_train_epoch_benchmark_runs_the_train_command_on_its_synthetic_table(tmp_path):
+    """benchmarks/train_epoch.py at a tiny size: the synthetic table is one the loader reads, and
+    each setting reports epoch times that agree with the run's own history."""
+    import sys
+
+    out = tmp_path / "epoch.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_epoch.py"), "--rows", "6000",
+                           "--epochs", "2", "--threads", "1", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    settings = [r["setting"] for r in result["rows"]] + [s.split(":")[0] for s in result["skipped"]]
+    assert sorted(settings) == ["amp", "fp32"] and result["rows"][0]["setting"] == "fp32"
+    for row in result["rows"]:
+        assert [e["epoch"] for e in row["epochs"]] == [0, 1]
+        assert all(e["samples"] == 6000 and e["epoch_s"] > 0 for e in row["epochs"])
+        assert row["best_samples_per_s"] == max(e["samples"] / e["epoch_s"] for e in row["epochs"])
+        assert 0 <= row["test"]["ctr_auc"] <= 1
+        history = json.loads((tmp_path / "work" / "runs" / row["setting"] / "esmm" / "seed1" / "metrics.json")
+                              .read_text())["history"]
+        assert [h["samples_per_s"] for h in history] == [e["samples_per_s"] for e in row["epochs"]]
+    manifest = json.loads((tmp_path / "work" / "data" / "manifest.json").read_text())
+    assert len(manifest["fields"]) == 18
+    assert "train_epoch.py --rows 6000" in result["provenance"]["command"]

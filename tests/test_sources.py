@@ -350,6 +350,23 @@ def test_csv_repeated_header_lines_are_counted_and_rejected(spark, tmp_path: Pat
     assert got == [(str(test), header), (str(train), header), (str(train), header)]
 
 
+def test_csv_header_is_found_in_a_file_read_as_many_splits(spark, tmp_path: Path) -> None:
+    """A file Spark reads in many splits (here ~40-byte ones): the header probe reads the split
+    at byte 0, so the header is recognised and counted once, and every data line is kept."""
+    header = ",".join(AITM_HEADER)
+    write(tmp_path / "train.csv", [header] + [f"{i % 2},0,{GOOD}" for i in range(60)])
+    write(tmp_path / "test.csv", [header, f"1,0,{GOOD}"])
+    old = spark.conf.get("spark.sql.files.maxPartitionBytes")
+    spark.conf.set("spark.sql.files.maxPartitionBytes", "40")
+    try:
+        assert spark.read.text(str(tmp_path / "train.csv")).rdd.getNumPartitions() > 10
+        kept, rejects, inputs = accounting(read_source(spark, "aitm-csv", str(tmp_path)))
+    finally:
+        spark.conf.set("spark.sql.files.maxPartitionBytes", old)
+    assert inputs == {"train": 60, "test": 1} and not rejects
+    assert kept["train"] == (60, 30, 0)
+
+
 def test_csv_bad_first_line_of_a_headerless_file_is_a_reject(spark, shared_fixtures: Path,
                                                             tmp_path: Path) -> None:
     """A first line that does not look like a header is data: a bad one is rejected like the

@@ -377,12 +377,17 @@ def _read_aliccp_raw(spark: SparkSession, input: str, fields: list[FieldInfo],
 _NUMBER_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def _head(spark: SparkSession, path: str) -> list[str]:
-    """The first two lines of a file (fewer for a shorter one), on the driver: the header (if
-    any) and whether a data line follows. As the parser sees them (``readable_line``), so a
-    header compares equal to its later copies whatever bytes it holds."""
-    rows = spark.read.text(path).select(aliccp_raw.readable_line(F.col("value")).alias("v")).limit(2).collect()
-    return [r["v"] for r in rows]
+def _head(spark: SparkSession, path: str) -> tuple[Optional[str], int]:
+    """The first line of a file (None for an empty file) and its line count capped at 2, on
+    the driver: the header (if any) and whether a data line follows. The first line is read
+    from the split that starts at byte 0 (a bare limit takes the first rows of the first
+    partitions, the file's start only while Spark orders a file's splits by offset), as the
+    parser sees it (``readable_line``), so a header compares equal to its later copies
+    whatever bytes it holds. The count does not depend on the order."""
+    lines = spark.read.text(path)
+    first = (lines.where(F.input_file_block_start() == 0)
+             .select(aliccp_raw.readable_line(F.col("value")).alias("v")).limit(1).collect())
+    return (first[0]["v"] if first else None), lines.limit(2).count()
 
 
 def _is_header(fmt: _CsvFormat, line: str) -> bool:
@@ -422,7 +427,7 @@ def _read_csv(spark: SparkSession, source: str, fmt: _CsvFormat,
         ValueError: a header without a required column, or an input split without data lines.
     """
     heads = {p: _head(spark, p) for s in SPLITS for p in files.get(s, [])}
-    first = {p: head[0] if head and _is_header(fmt, head[0]) else None for p, head in heads.items()}
+    first = {p: line if line is not None and _is_header(fmt, line) else None for p, (line, _) in heads.items()}
     headers = {p: _columns(line) if line is not None else None for p, line in first.items()}
     layout = _layout(fmt, headers)
     labels = [fmt.click, fmt.conversion]
@@ -433,7 +438,7 @@ def _read_csv(spark: SparkSession, source: str, fmt: _CsvFormat,
     for path, cols in headers.items():
         _check_header(path, cols if cols is not None else layout, required)
     for split, paths in files.items():
-        if all(len(heads[p]) <= int(first[p] is not None) for p in paths):
+        if all(heads[p][1] <= int(first[p] is not None) for p in paths):
             raise ValueError(f"{source}: {_no_data_error(split, paths)}")
     fields = [FieldInfo(n, fmt.group or group_of(n)) for n in order]
     parsed, lines = {}, {}

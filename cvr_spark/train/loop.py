@@ -135,9 +135,9 @@ def wrap_ddp(module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.
 
 def amp_supported(device: torch.device, dtype: str) -> bool:
     """Whether ``train.amp`` autocasts on ``device``: CUDA (bfloat16 or float16), or bfloat16 on a
-    CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX, where oneDNN's bfloat16 matmuls run
-    about twice as fast as float32 ones). Elsewhere CPU bfloat16 is emulated, slower than float32,
-    so autocast stays off (with a warning)."""
+    CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX, where oneDNN's bfloat16 matrix
+    products ran about twice as fast as float32 ones on the README's machine). Other CPUs have no
+    native bfloat16 kernels to gain from, so autocast stays off there (with a warning)."""
     if device.type == "cuda":
         return True
     if device.type != "cpu" or dtype != "bfloat16":

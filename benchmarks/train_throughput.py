@@ -11,8 +11,11 @@ tensors (batch 2000, 18 single-valued fields with Ali-CCP-like vocabulary sizes 
 min-count filter; ids drawn Zipf-like, ~4% clicks, ~10% of clicks converting), so no I/O is
 timed. Settings: CPU with ``--threads`` (2), in float32 and, on a CPU with native bfloat16
 (AVX512-BF16 or AMX; ``cvr_spark.train.loop.amp_supported``), with bfloat16 autocast as
-``train.amp=true`` trains; CUDA when present (fp32 and bf16 autocast); and DDP with 2 CPU processes (gloo, 1 thread each; samples/s summed over ranks). CSTWA gets a
-synthetic K=8 user/item graph (its Structure Migrator needs one). Target (reported, not
+``train.amp=true`` trains; CUDA when present (fp32 and bf16 autocast); and DDP with 2 CPU
+processes (gloo, 1 thread each; samples/s summed over ranks). CSTWA gets a synthetic K=8 user/item graph (its Structure Migrator needs one). The float32 and bfloat16
+settings of a device are timed interleaved, ``--rounds`` blocks each in turn, and report the
+median block (the JSON keeps every block): on a shared machine a slow spell then hits both
+alike, so that their ratio is fair even when the absolute figures move. Target (reported, not
 asserted): >= 250k samples/s for ESMM on 2 CPU cores. The JSON also records the git commit,
 the command line, the UTC time and the machine (``_provenance.py``).
 """
@@ -21,9 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -139,14 +143,30 @@ def embedding_optimizer(model: Any, args: argparse.Namespace) -> str:
     return args.embedding_optimizer or model.cfg.embedding_optimizer
 
 
-def bench_single(name: str, device: str, threads: int, args: argparse.Namespace, amp: bool = False) -> dict:
+def bench_single(name: str, device: str, threads: int, args: argparse.Namespace,
+                 amps: Sequence[bool] = (False,)) -> list[dict]:
+    """One row per ``amps`` setting. Several settings are timed interleaved: each one's
+    ``args.steps`` timed steps run as ``args.rounds`` blocks in turn with the others' blocks,
+    so that a slow spell of a shared machine hits every setting alike; ``samples_per_s`` is
+    the median block, ``rounds`` every block."""
     torch.set_num_threads(threads)
-    model = build_model(name, device)
-    batches = make_batches(model.spec, 8, args.batch_size, device)
-    net, opt = prepare(model, device, args.embedding_optimizer)
-    rate = measure(net, model, opt, batches, args.warmup, args.steps, amp)
-    return {"model": name, "setting": f"{device}{'-bf16' if amp else ''}", "threads": threads, "processes": 1,
-            "embedding_optimizer": embedding_optimizer(model, args), "samples_per_s": rate}
+    runs = []
+    for amp in amps:
+        model = build_model(name, device)
+        batches = make_batches(model.spec, 8, args.batch_size, device)
+        net, opt = prepare(model, device, args.embedding_optimizer)
+        net.train()
+        train_steps(net, model, opt, batches, args.warmup, amp)  # warm-up, untimed
+        runs.append((amp, net, model, opt, batches))
+    block = max(1, args.steps // args.rounds)
+    rates: dict[bool, list[float]] = {amp: [] for amp in amps}
+    for _ in range(args.rounds):
+        for amp, net, model, opt, batches in runs:
+            rates[amp].append(measure(net, model, opt, batches, 0, block, amp))
+    return [{"model": name, "setting": f"{device}{'-bf16' if amp else ''}", "threads": threads, "processes": 1,
+             "embedding_optimizer": embedding_optimizer(model, args),
+             "samples_per_s": statistics.median(rates[amp]), "rounds": rates[amp]}
+            for amp, _, model, _, _ in runs]
 
 
 def _ddp_rank(rank: int, world: int, name: str, store: str, args: argparse.Namespace, queue: Any) -> None:
@@ -187,7 +207,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=2000)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=50, help="timed steps per setting")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="blocks the timed steps of interleaved settings (CPU float32/bfloat16, CUDA) run in")
     p.add_argument("--settings", default="cpu,cuda,ddp", help="subset of cpu, cuda, ddp")
     p.add_argument("--embedding-optimizer", default=None, choices=("lazy_adam", "adam"),
                    help="override the presets' model.embedding_optimizer (default: the preset's)")
@@ -200,13 +222,11 @@ def main() -> None:
     settings = set(args.settings.split(","))
     rows = []
     for name in models:
-        if "cpu" in settings:
-            rows.append(bench_single(name, "cpu", args.threads, args))
-            if amp_supported(torch.device("cpu"), "bfloat16"):  # train.amp=true on this CPU
-                rows.append(bench_single(name, "cpu", args.threads, args, amp=True))
+        if "cpu" in settings:  # with train.amp=true's bfloat16 autocast where this CPU has it
+            amps = (False, True) if amp_supported(torch.device("cpu"), "bfloat16") else (False,)
+            rows += bench_single(name, "cpu", args.threads, args, amps)
         if "cuda" in settings and torch.cuda.is_available():
-            rows.append(bench_single(name, "cuda", args.threads, args))
-            rows.append(bench_single(name, "cuda", args.threads, args, amp=True))
+            rows += bench_single(name, "cuda", args.threads, args, (False, True))
         if "ddp" in settings:
             rows.append(bench_ddp(name, args))
         for r in rows:
@@ -222,6 +242,7 @@ def main() -> None:
     if skipped:
         print(f"skipped (not registered): {', '.join(skipped)}")
     result = {"rows": rows, "skipped": skipped, "batch_size": args.batch_size, "steps": args.steps,
+              "rounds": args.rounds,
               "warmup": args.warmup, "vocab": VOCAB, "torch": torch.__version__,
               "provenance": provenance, "machine": _provenance.machine_info(("torch", "numpy")),
               "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),

@@ -12,10 +12,12 @@ CUDA machine onto the GPU: the split is device resident and batches are gathered
 ``train_throughput.py`` times the step alone on preloaded tensors; this times what a user
 waits for, batches from the loader included.
 
-Figures per setting: ``epoch_s`` (the training steps of each epoch, loader batches included,
+Figures per run: ``epoch_s`` (the training steps of each epoch, loader batches included,
 validation not: ``samples / samples_per_s`` of the run's history), ``samples_per_s``, and the
 run's ``wall_s`` (reading the splits, validation, test evaluation, report) for context, plus
-the test AUCs, so that a faster setting shows it learns as well.
+the test AUCs, so that a faster setting shows it learns as well. With ``--repeats N`` the
+settings run in turn N times (fp32, amp, fp32, amp, ...) and the summary gives the median and
+range of each setting's best epoch: this VM's speed drifts by 20 % over minutes.
 
 Data: ``--data DIR``, a feature job's output, or else a synthetic features table written
 under ``--workdir`` in the feature job's Parquet layout (``features/v=0/split=*``, manifest):
@@ -35,6 +37,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -88,21 +91,22 @@ def write_synthetic(folder: Path, rows: int, seed: int = 0) -> Path:
     return folder
 
 
-def run_setting(data: Path, runs: Path, setting: str, args: argparse.Namespace) -> dict:
+def run_setting(data: Path, folder: Path, setting: str, repeat: int, args: argparse.Namespace) -> dict:
+    """One run of ``setting`` into ``folder`` (its ``<model>/seed<k>`` run folder, results, report)."""
     from cvr_spark.train.experiment import run_train
 
     overrides = [f"train.amp={'true' if setting == 'amp' else 'false'}", "train.progress=false",
                  "train.mlflow=false", "train.patience=0", f"train.num_threads={args.threads}"]
     t0 = time.perf_counter()
     result = run_train(data, [args.model], [args.seed], preset=args.preset, epochs=args.epochs,
-                       out_dir=runs / setting, overrides=overrides)
+                       out_dir=folder, overrides=overrides)
     wall = time.perf_counter() - t0
     (run,) = result["runs"]
     metrics = json.loads((Path(run["run_dir"]) / "metrics.json").read_text())
     epochs = [{"epoch": h["epoch"], "samples": h["samples"], "samples_per_s": h["samples_per_s"],
                "epoch_s": h["samples"] / h["samples_per_s"]} for h in metrics["history"]]
     test = {k: run["metrics"].get(k) for k in ("ctr_auc", "cvr_auc_clicked", "ctcvr_auc")}
-    return {"setting": setting, "model": args.model, "preset": args.preset, "epochs": epochs,
+    return {"setting": setting, "repeat": repeat, "model": args.model, "preset": args.preset, "epochs": epochs,
             "best_epoch_s": min(e["epoch_s"] for e in epochs),
             "best_samples_per_s": max(e["samples_per_s"] for e in epochs),
             "wall_s": wall, "test": test}
@@ -122,6 +126,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch threads (train.num_threads)")
     p.add_argument("--settings", default="fp32,amp", help="subset of fp32, amp")
+    p.add_argument("--repeats", type=int, default=1, help="runs per setting, the settings in turn")
     p.add_argument("--workdir", default=None, help="synthetic table and runs (default: a temporary folder)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
@@ -143,27 +148,36 @@ def main() -> None:
             t0 = time.perf_counter()
             write_synthetic(data, args.rows)
             print(f"synthetic table: {args.rows:,} train rows in {time.perf_counter() - t0:.1f} s", flush=True)
-        for setting in settings:
-            if setting == "amp" and not amp_supported(device, "bfloat16"):
-                skipped.append(f"amp: no native bfloat16 autocast on {device}")
-                continue
-            shutil.rmtree(work / "runs" / setting, ignore_errors=True)
-            r = run_setting(data, work / "runs", setting, args)
-            rows.append(r)
-            per_epoch = ", ".join(f"{e['epoch_s']:.1f} s" for e in r["epochs"])
-            print(f"{args.model} {setting:<5} on {device}: best epoch {r['best_epoch_s']:.1f} s, "
-                  f"{r['best_samples_per_s']:,.0f} samples/s (epochs: {per_epoch}); run {r['wall_s']:.0f} s; "
-                  f"test ctr_auc {r['test']['ctr_auc']:.4f}, ctcvr_auc {r['test']['ctcvr_auc']:.4f}", flush=True)
+        if "amp" in settings and not amp_supported(device, "bfloat16"):
+            skipped.append(f"amp: no native bfloat16 autocast on {device}")
+            settings.remove("amp")
+        for repeat in range(args.repeats):  # settings in turn: a slow spell of the machine hits each alike
+            for setting in settings:
+                folder = work / "runs" / setting / f"r{repeat}"
+                shutil.rmtree(folder, ignore_errors=True)
+                r = run_setting(data, folder, setting, repeat, args)
+                rows.append(r)
+                per_epoch = ", ".join(f"{e['epoch_s']:.1f} s" for e in r["epochs"])
+                print(f"{args.model} {setting:<5} on {device} (repeat {repeat}): best epoch {r['best_epoch_s']:.1f} s, "
+                      f"{r['best_samples_per_s']:,.0f} samples/s (epochs: {per_epoch}); run {r['wall_s']:.0f} s; "
+                      f"test ctr_auc {r['test']['ctr_auc']:.4f}, ctcvr_auc {r['test']['ctcvr_auc']:.4f}", flush=True)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+    summary = {}
+    for setting in settings:
+        rates = [r["best_samples_per_s"] for r in rows if r["setting"] == setting]
+        summary[setting] = {"median_best_samples_per_s": statistics.median(rates), "min": min(rates),
+                            "max": max(rates), "repeats": len(rates)}
+        print(f"{setting:<5}: best epoch per run, median of {len(rates)}: {statistics.median(rates):,.0f} samples/s "
+              f"(range {min(rates):,.0f}-{max(rates):,.0f})")
     if device.type == "cuda" and rows:
         best = min(r["best_epoch_s"] * GPU_TARGET_ROWS / r["epochs"][0]["samples"] for r in rows)
         print(f"one GPU, an epoch scaled to {GPU_TARGET_ROWS:,} rows: {best:.1f} s "
               f"(target <= {TARGET_GPU_EPOCH_S:.0f} s: {'met' if best <= TARGET_GPU_EPOCH_S else 'NOT met'})")
     for s in skipped:
         print(f"skipped: {s}")
-    result = {"rows": rows, "skipped": skipped, "train_rows": args.rows if not args.data else None,
+    result = {"summary": summary, "rows": rows, "skipped": skipped, "repeats": args.repeats, "train_rows": args.rows if not args.data else None,
               "data": args.data, "device": str(device), "threads": args.threads, "epochs": args.epochs,
               "vocab": None if args.data else VOCAB, "torch": torch.__version__,
               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -104,9 +104,12 @@ def test_train_epoch_benchmark_runs_the_train_command_on_its_synthetic_table(tmp
         assert all(e["samples"] == 6000 and e["epoch_s"] > 0 for e in row["epochs"])
         assert row["best_samples_per_s"] == max(e["samples"] / e["epoch_s"] for e in row["epochs"])
         assert 0 <= row["test"]["ctr_auc"] <= 1
-        history = json.loads((tmp_path / "work" / "runs" / row["setting"] / "esmm" / "seed1" / "metrics.json")
+        history = json.loads((tmp_path / "work" / "runs" / row["setting"] / "r0" / "esmm" / "seed1" / "metrics.json")
                               .read_text())["history"]
         assert [h["samples_per_s"] for h in history] == [e["samples_per_s"] for e in row["epochs"]]
+    for row in result["rows"]:
+        summary = result["summary"][row["setting"]]
+        assert summary["repeats"] == 1 and summary["median_best_samples_per_s"] == row["best_samples_per_s"]
     manifest = json.loads((tmp_path / "work" / "data" / "manifest.json").read_text())
     assert len(manifest["fields"]) == 18
     assert "train_epoch.py --rows 6000" in result["provenance"]["command"]

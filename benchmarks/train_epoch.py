@@ -16,8 +16,10 @@ Figures per run: ``epoch_s`` (the training steps of each epoch, loader batches i
 validation not: ``samples / samples_per_s`` of the run's history), ``samples_per_s``, and the
 run's ``wall_s`` (reading the splits, validation, test evaluation, report) for context, plus
 the test AUCs, so that a faster setting shows it learns as well. With ``--repeats N`` the
-settings run in turn N times (fp32, amp, fp32, amp, ...) and the summary gives the median and
-range of each setting's best epoch: this VM's speed drifts by 20 % over minutes.
+settings run in turn N times, in ABBA order (fp32, amp, amp, fp32, ...), and the summary gives
+the median and range of each setting's best epoch: this VM's speed drifts by 20 % over
+minutes, and the first run of a pair was seen to be faster than the second whichever setting
+it was.
 
 Data: ``--data DIR``, a feature job's output, or else a synthetic features table written
 under ``--workdir`` in the feature job's Parquet layout (``features/v=0/split=*``, manifest):
@@ -34,6 +36,7 @@ the git commit, the command line, the UTC time and the machine (``_provenance.py
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -151,8 +154,11 @@ def main() -> None:
         if "amp" in settings and not amp_supported(device, "bfloat16"):
             skipped.append(f"amp: no native bfloat16 autocast on {device}")
             settings.remove("amp")
-        for repeat in range(args.repeats):  # settings in turn: a slow spell of the machine hits each alike
-            for setting in settings:
+        for repeat in range(args.repeats):
+            # settings in turn, in ABBA order: a slow spell of the machine, or being the first or
+            # the second run of a pair, then hits each setting alike
+            for setting in (settings if repeat % 2 == 0 else settings[::-1]):
+                gc.collect()  # the previous run's loaders and model
                 folder = work / "runs" / setting / f"r{repeat}"
                 shutil.rmtree(folder, ignore_errors=True)
                 r = run_setting(data, folder, setting, repeat, args)

@@ -138,6 +138,8 @@ def main() -> None:
     unknown = sorted(set(settings) - {"fp32", "amp"})
     if unknown:
         p.error(f"--settings: unknown {unknown}; expected a subset of fp32, amp")
+    if args.repeats < 1 or args.epochs < 1 or (args.rows < 1 and not args.data):
+        p.error("--repeats, --epochs and --rows must be >= 1")
     device = resolve_device("auto")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="train_epoch_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -183,8 +185,9 @@ def main() -> None:
               f"(target <= {TARGET_GPU_EPOCH_S:.0f} s: {'met' if best <= TARGET_GPU_EPOCH_S else 'NOT met'})")
     for s in skipped:
         print(f"skipped: {s}")
-    result = {"summary": summary, "rows": rows, "skipped": skipped, "repeats": args.repeats, "train_rows": args.rows if not args.data else None,
-              "data": args.data, "device": str(device), "threads": args.threads, "epochs": args.epochs,
+    result = {"summary": summary, "rows": rows, "skipped": skipped, "repeats": args.repeats,
+              "train_rows": args.rows if not args.data else None, "data": args.data, "device": str(device),
+              "threads": args.threads, "epochs": args.epochs,
               "vocab": None if args.data else VOCAB, "torch": torch.__version__,
               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
               "provenance": provenance, "machine": _provenance.machine_info(("torch", "numpy", "pyarrow")),

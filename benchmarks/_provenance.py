@@ -16,6 +16,7 @@ on ``sys.path`` when it runs as ``python benchmarks/<script>.py``).
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -120,6 +121,12 @@ def _gpus() -> list[str] | None:
         return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     except Exception:  # a broken CUDA setup must not lose the benchmark's results
         return None
+
+
+def write_result(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write a benchmark's results as indented JSON to ``path``, creating its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2))
 
 
 def machine_info(packages: Iterable[str] = ()) -> dict[str, Any]:

@@ -151,8 +151,7 @@ def main() -> None:
         "machine": machine,
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(payload, indent=2))
+    _provenance.write_result(args.out, payload)
     print(f"wrote {args.out}")
 
 

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 
@@ -146,8 +145,7 @@ def main() -> None:
                "provenance": provenance,
                "machine": _provenance.machine_info(("numpy", "faiss-cpu", "faiss-gpu", "torch")),
                "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(payload, indent=2))
+    _provenance.write_result(args.out, payload)
     print(f"wrote {args.out}")
 
 

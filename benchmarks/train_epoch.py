@@ -193,9 +193,7 @@ def main() -> None:
               "provenance": provenance, "machine": _provenance.machine_info(("torch", "numpy", "pyarrow")),
               "load_avg": os.getloadavg()}
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        _provenance.write_result(args.out, result)
 
 
 if __name__ == "__main__":

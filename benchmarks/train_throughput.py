@@ -23,7 +23,6 @@ the command line, the UTC time and the machine (``_provenance.py``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -96,13 +95,15 @@ def build_model(name: str, device: str) -> Any:
 def train_steps(net: torch.nn.Module, model: Any, opt: torch.optim.Optimizer, batches: list[dict],
                 steps: int, amp: bool = False) -> None:
     """``steps`` training steps over ``batches`` (cycled), as the loop runs them."""
+    from cvr_spark.train.loop import float32_outputs
+
     device_type = batches[0]["click"].device.type
     for i in range(steps):
         batch = batches[i % len(batches)]
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
             out = net(batch)
         if amp:
-            out = {k: v.float() for k, v in out.items()}
+            out = float32_outputs(out)
         terms = model.loss(batch, out)
         if not torch.isfinite(terms["total"]).item():  # the loop's NaN guard syncs once per step
             raise FloatingPointError(f"non-finite loss at step {i}")
@@ -249,9 +250,7 @@ def main() -> None:
               "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        _provenance.write_result(args.out, result)
 
 
 if __name__ == "__main__":

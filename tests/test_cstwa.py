@@ -14,6 +14,7 @@ from cvr_spark.models import registry
 from cvr_spark.models.base import FeatureSpec
 from cvr_spark.models.cstwa import CSTWA
 from cvr_spark.models.cstwa_graph import StructureGraph, graph_fields, normalize_adjacency
+from cvr_spark.train.loop import float32_outputs
 
 N_USERS, N_ITEMS, CLUSTERS = 21, 17, 4  # graph nodes 0..N-1 (0 = OOV, self-only); vocab is larger
 SPEC = FeatureSpec(
@@ -181,7 +182,7 @@ def test_trains_under_bfloat16_autocast_with_graphs(overrides: dict) -> None:
     batch = make_batch(128, seed=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(batch)
-    out = {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
+    out = float32_outputs(out)
     terms = model.loss(batch, out)
     assert all(bool(torch.isfinite(v)) for v in terms.values())
     terms["total"].backward()

@@ -9,6 +9,7 @@ import torch
 
 from cvr_spark.cli import main
 from cvr_spark.models import registry
+from cvr_spark.train.loop import float32_outputs
 from tests.model_testing import make_batch, make_spec
 
 EXPECTED = {
@@ -64,7 +65,7 @@ def test_every_model_trains_one_step_under_bfloat16_autocast(name):
     batch = make_batch(spec, 64, seed=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(batch)
-    out = {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
+    out = float32_outputs(out)
     terms = model.loss(batch, out)
     assert all(math.isfinite(float(v.detach())) for v in terms.values())
     terms["total"].backward()

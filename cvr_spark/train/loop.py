@@ -133,6 +133,12 @@ def wrap_ddp(module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
+def float32_outputs(out: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Model outputs with the floating ones in float32: what the losses read after an autocast
+    forward (BCE on low-precision probabilities is unsafe under autocast)."""
+    return {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
+
+
 def amp_supported(device: torch.device, dtype: str) -> bool:
     """Whether ``train.amp`` autocasts on ``device``: CUDA (bfloat16 or float16), or bfloat16 on a
     CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX, where oneDNN's bfloat16 matrix
@@ -459,8 +465,8 @@ class _Trainer:
         batch = to_device(batch, self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             out = self.net(batch)
-        if self.amp:  # losses run in float32 (BCE on probabilities is unsafe under autocast)
-            out = {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
+        if self.amp:  # losses run in float32
+            out = float32_outputs(out)
         where = f"epoch {st.epoch}, step {st.step + 1} (batch {st.batch} of the epoch, rank {self.rank})"
         try:
             terms = self.module.loss(batch, out)

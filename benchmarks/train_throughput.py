@@ -16,8 +16,11 @@ processes (gloo, 1 thread each; samples/s summed over ranks). CSTWA gets a synth
 user/item graph (its Structure Migrator needs one). The float32 and bfloat16 settings of a
 device are timed interleaved, ``--rounds`` blocks each in turn, and report the median block
 (the JSON keeps every block): on a shared machine a slow spell then hits both alike, so that
-their ratio is fair even when the absolute figures move. Target (reported, not
-asserted): >= 250k samples/s for ESMM on 2 CPU cores. The JSON also records the git commit,
+their ratio is fair even when the absolute figures move. ``--breakdown`` (CPU) then times
+the parts of a step one after the other (forward + loss, backward, optimiser step, of which the
+row-wise embedding update) and the matrix products of the model's ``nn.Linear`` calls alone, at
+the shapes one forward records: what the step costs beyond its matrix products. Target
+(reported, not asserted): >= 250k samples/s for ESMM on 2 CPU cores. The JSON also records the git commit,
 the command line, the UTC time and the machine (``_provenance.py``).
 """
 from __future__ import annotations
@@ -141,6 +144,88 @@ def measure(net: torch.nn.Module, model: Any, opt: torch.optim.Optimizer, batche
     return steps * batches[0]["click"].shape[0] / (time.perf_counter() - t0)
 
 
+def linear_shapes(net: torch.nn.Module, batch: dict, amp: bool = False) -> list[tuple[int, int, int]]:
+    """(rows, in, out) of every ``nn.Linear`` call in one training forward of ``batch``."""
+    shapes: list[tuple[int, int, int]] = []
+
+    def hook(module: torch.nn.Linear, inputs: tuple, _output: Any) -> None:
+        shapes.append((inputs[0].numel() // module.in_features, module.in_features, module.out_features))
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.autocast(batch["click"].device.type, dtype=torch.bfloat16, enabled=amp):
+            net(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def gemm_ms(shapes: list[tuple[int, int, int]], dtype: torch.dtype, reps: int = 20) -> float:
+    """Milliseconds of the matrix products of those Linear calls alone, per step: for each, the
+    forward product and backward's two (input and weight gradients), on random operands."""
+    ops = []
+    for rows, k, n in shapes:
+        x, w, gy = torch.randn(rows, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(rows, n, dtype=dtype)
+        ops.append((x, w, gy))
+
+    def once() -> None:
+        for x, w, gy in ops:
+            torch.mm(x, w.t()), torch.mm(gy, w), torch.mm(gy.t(), x)
+
+    once()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        once()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def phase_ms(net: torch.nn.Module, model: Any, opt: torch.optim.Optimizer, batches: list[dict], steps: int,
+             amp: bool = False) -> dict:
+    """Milliseconds per step of each part of :func:`train_steps`' step (CPU: ops are synchronous),
+    with the row-wise embedding update (``LazyEmbeddingAdam._table_step``) apart from the rest
+    of the optimiser step, and the ``nn.Linear`` matrix products alone (:func:`gemm_ms`)."""
+    from cvr_spark.train.loop import float32_outputs
+
+    total = dict.fromkeys(("forward_loss", "backward", "optimizer", "embedding_rows", "hook"), 0.0)
+    table_step = getattr(opt, "_table_step", None)
+    if table_step is not None:  # time the row-wise part inside opt.step()
+        def timed(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return table_step(*a, **k)
+            finally:
+                total["embedding_rows"] += time.perf_counter() - t
+        opt._table_step = timed
+    try:
+        for i in range(steps):
+            batch = batches[i % len(batches)]
+            t0 = time.perf_counter()
+            with torch.autocast(batch["click"].device.type, dtype=torch.bfloat16, enabled=amp):
+                out = net(batch)
+            if amp:
+                out = float32_outputs(out)
+            terms = model.loss(batch, out)
+            torch.isfinite(terms["total"]).item()
+            t1 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            t2 = time.perf_counter()
+            opt.step()
+            t3 = time.perf_counter()
+            model.on_train_batch_end(batch, out)
+            t4 = time.perf_counter()
+            for key, dt in (("forward_loss", t1 - t0), ("backward", t2 - t1), ("optimizer", t3 - t2), ("hook", t4 - t3)):
+                total[key] += dt
+    finally:
+        if table_step is not None:
+            del opt._table_step
+    ms = {k: v / steps * 1e3 for k, v in total.items()}
+    ms["step"] = ms["forward_loss"] + ms["backward"] + ms["optimizer"] + ms["hook"]
+    ms["gemm_alone"] = gemm_ms(linear_shapes(net, batches[0], amp), torch.bfloat16 if amp else torch.float32)
+    return ms
+
+
 def embedding_optimizer(model: Any, args: argparse.Namespace) -> str:
     return args.embedding_optimizer or model.cfg.embedding_optimizer
 
@@ -165,10 +250,14 @@ def bench_single(name: str, device: str, threads: int, args: argparse.Namespace,
     for _ in range(args.rounds):
         for amp, net, model, opt, batches in runs:
             rates[amp].append(measure(net, model, opt, batches, 0, block, amp))
-    return [{"model": name, "setting": f"{device}{'-bf16' if amp else ''}", "threads": threads, "processes": 1,
+    rows = [{"model": name, "setting": f"{device}{'-bf16' if amp else ''}", "threads": threads, "processes": 1,
              "embedding_optimizer": embedding_optimizer(model, args),
              "samples_per_s": statistics.median(rates[amp]), "rounds": rates[amp]}
             for amp, _, model, _, _ in runs]
+    if args.breakdown and device == "cpu":
+        for row, (amp, net, model, opt, batches) in zip(rows, runs):
+            row["breakdown_ms"] = phase_ms(net, model, opt, batches, block, amp)
+    return rows
 
 
 def _ddp_rank(rank: int, world: int, name: str, store: str, args: argparse.Namespace, queue: Any) -> None:
@@ -215,6 +304,9 @@ def main() -> None:
     p.add_argument("--settings", default="cpu,cuda,ddp", help="subset of cpu, cuda, ddp")
     p.add_argument("--embedding-optimizer", default=None, choices=("lazy_adam", "adam"),
                    help="override the presets' model.embedding_optimizer (default: the preset's)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="CPU: also time the parts of a step (forward + loss, backward, optimiser, of which the "
+                        "row-wise embedding update) and the towers' matrix products alone")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     provenance = _provenance.run_info()
@@ -236,6 +328,12 @@ def main() -> None:
                 print(f"{name:<8} {r['setting']:<14} threads={r['threads']} processes={r['processes']} "
                       f"embeddings={r['embedding_optimizer']}: "
                       f"{r['samples_per_s']:>12,.0f} samples/s", flush=True)
+                if "breakdown_ms" in r:
+                    b = r["breakdown_ms"]
+                    print(f"{'':<9}ms per step: forward+loss {b['forward_loss']:.2f}, backward {b['backward']:.2f}, "
+                          f"optimizer {b['optimizer']:.2f} (embedding rows {b['embedding_rows']:.2f}), "
+                          f"hook {b['hook']:.2f} = {b['step']:.2f}; Linear matrix products alone "
+                          f"{b['gemm_alone']:.2f}", flush=True)
     for setting, how in (("cpu", "float32"), ("cpu-bf16", "bfloat16 autocast, train.amp=true")):
         rate = next((r["samples_per_s"] for r in rows if r["model"] == "esmm" and r["setting"] == setting), None)
         if rate is not None:

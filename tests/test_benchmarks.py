@@ -1,5 +1,5 @@
 """The benchmarks' shared provenance block (benchmarks/_provenance.py), and the training-epoch
-benchmark at a tiny size (no Spark)."""
+and training-step benchmarks at a tiny size (no Spark)."""
 from __future__ import annotations
 
 import importlib.util
@@ -22,6 +22,17 @@ def _load(name: str):
 
 
 provenance = _load("_provenance")
+
+
+def _load_benchmark(name: str):
+    """A benchmark script as a module (its ``import _provenance`` needs benchmarks/ on sys.path)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return _load(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def test_run_info_keys_and_types():
@@ -113,3 +124,44 @@ def test_train_epoch_benchmark_runs_the_train_command_on_its_synthetic_table(tmp
     manifest = json.loads((tmp_path / "work" / "data" / "manifest.json").read_text())
     assert len(manifest["fields"]) == 18
     assert "train_epoch.py --rows 6000" in result["provenance"]["command"]
+
+
+def test_train_throughput_breakdown_accounts_for_the_step(tmp_path):
+    """benchmarks/train_throughput.py --breakdown at a tiny size: the parts of a step add up to it,
+    the row-wise embedding update is inside the optimiser's share, and the matrix products of the
+    model's Linear calls were timed."""
+    import sys
+
+    out = tmp_path / "tp.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--models", "esmm",
+                           "--settings", "cpu", "--threads", "1", "--batch-size", "200", "--warmup", "1",
+                           "--steps", "4", "--rounds", "2", "--breakdown", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["model"] == "esmm" and len(r["rounds"]) == 2 for r in rows)
+    for row in rows:
+        b = row["breakdown_ms"]
+        assert b["step"] == pytest.approx(b["forward_loss"] + b["backward"] + b["optimizer"] + b["hook"])
+        assert 0 < b["embedding_rows"] < b["optimizer"]  # ESMM's preset: row-wise lazy Adam
+        assert b["gemm_alone"] > 0 and min(b["forward_loss"], b["backward"]) > 0
+    assert "ms per step: forward+loss" in done.stdout
+
+
+def test_linear_shapes_sees_every_linear_call_of_a_forward():
+    import torch
+
+    tt = _load_benchmark("train_throughput")
+    net = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, batch):
+            return self.net(batch["x"])
+
+    batch = {"x": torch.randn(7, 6), "click": torch.zeros(7)}
+    assert tt.linear_shapes(Wrap(), batch) == [(7, 6, 4), (7, 4, 1)]
+    assert tt.gemm_ms([(7, 6, 4)], torch.float32, reps=2) > 0

@@ -96,13 +96,17 @@ def build_model(name: str, device: str) -> Any:
 
 
 def train_steps(net: torch.nn.Module, model: Any, opt: torch.optim.Optimizer, batches: list[dict],
-                steps: int, amp: bool = False) -> None:
-    """``steps`` training steps over ``batches`` (cycled), as the loop runs them."""
+                steps: int, amp: bool = False, phases: dict | None = None) -> None:
+    """``steps`` training steps over ``batches`` (cycled), as the loop runs them. ``phases``: add
+    each part's seconds to it (``forward_loss``, ``backward``, ``optimizer``, ``hook``; on CPU,
+    where ops are synchronous)."""
     from cvr_spark.train.loop import float32_outputs
 
     device_type = batches[0]["click"].device.type
+    clock = time.perf_counter
     for i in range(steps):
         batch = batches[i % len(batches)]
+        t0 = clock()
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
             out = net(batch)
         if amp:
@@ -110,10 +114,17 @@ def train_steps(net: torch.nn.Module, model: Any, opt: torch.optim.Optimizer, ba
         terms = model.loss(batch, out)
         if not torch.isfinite(terms["total"]).item():  # the loop's NaN guard syncs once per step
             raise FloatingPointError(f"non-finite loss at step {i}")
+        t1 = clock()
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
+        t2 = clock()
         opt.step()
+        t3 = clock()
         model.on_train_batch_end(batch, out)
+        if phases is not None:
+            for key, dt in (("forward_loss", t1 - t0), ("backward", t2 - t1), ("optimizer", t3 - t2),
+                            ("hook", clock() - t3)):
+                phases[key] = phases.get(key, 0.0) + dt
 
 
 def prepare(model: Any, device: str, embedding_optimizer: str | None, ddp: bool = False) -> tuple:
@@ -185,8 +196,6 @@ def phase_ms(net: torch.nn.Module, model: Any, opt: torch.optim.Optimizer, batch
     """Milliseconds per step of each part of :func:`train_steps`' step (CPU: ops are synchronous),
     with the row-wise embedding update (``LazyEmbeddingAdam._table_step``) apart from the rest
     of the optimiser step, and the ``nn.Linear`` matrix products alone (:func:`gemm_ms`)."""
-    from cvr_spark.train.loop import float32_outputs
-
     total = dict.fromkeys(("forward_loss", "backward", "optimizer", "embedding_rows", "hook"), 0.0)
     table_step = getattr(opt, "_table_step", None)
     if table_step is not None:  # time the row-wise part inside opt.step()
@@ -198,25 +207,7 @@ def phase_ms(net: torch.nn.Module, model: Any, opt: torch.optim.Optimizer, batch
                 total["embedding_rows"] += time.perf_counter() - t
         opt._table_step = timed
     try:
-        for i in range(steps):
-            batch = batches[i % len(batches)]
-            t0 = time.perf_counter()
-            with torch.autocast(batch["click"].device.type, dtype=torch.bfloat16, enabled=amp):
-                out = net(batch)
-            if amp:
-                out = float32_outputs(out)
-            terms = model.loss(batch, out)
-            torch.isfinite(terms["total"]).item()
-            t1 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            t2 = time.perf_counter()
-            opt.step()
-            t3 = time.perf_counter()
-            model.on_train_batch_end(batch, out)
-            t4 = time.perf_counter()
-            for key, dt in (("forward_loss", t1 - t0), ("backward", t2 - t1), ("optimizer", t3 - t2), ("hook", t4 - t3)):
-                total[key] += dt
+        train_steps(net, model, opt, batches, steps, amp, total)
     finally:
         if table_step is not None:
             del opt._table_step

@@ -84,14 +84,22 @@ def test_ddp_fit_gathers_validation_and_only_rank0_writes(tmp_path):
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # per-rank dropout RNG
 
 
-def test_torch_distributor_two_cpu_processes_end_to_end(spark, tmp_path):
+@pytest.mark.parametrize("local_mode", [True, False], ids=["local-mode", "cluster-mode"])
+def test_torch_distributor_two_cpu_processes_end_to_end(spark, tmp_path, local_mode, caplog):
+    """TorchDistributor's two modes: ranks as driver processes (local mode) or as one barrier
+    task each in the executors' Python workers (cluster mode, ``--no-local-mode``; on the
+    ``local[2]`` test master the executor is the driver's JVM, the workers are still separate)."""
     from cvr_spark.train.experiment import run_train
 
     data = write_features(tmp_path / "data", n=2000, rows_per_group=100)
     out = tmp_path / "runs"
-    result = run_train(data, ["esmm"], [3], "fast", 2, 2, out,
-                       {"train": {"progress": False, "num_threads": 1}, "model": {"batch_size": 200}},
-                       use_gpu=False)
+    with caplog.at_level("INFO", logger="TorchDistributor"):
+        result = run_train(data, ["esmm"], [3], "fast", 2, 2, out,
+                           {"train": {"progress": False, "num_threads": 1}, "model": {"batch_size": 200}},
+                           use_gpu=False, local_mode=local_mode)
+    started = ("Started local training with 2 processes" if local_mode
+               else "Started distributed training with 2 executor processes")
+    assert started in caplog.text
     run_dir = out / "esmm" / "seed3"
     assert result["runs"][0]["run_dir"] == str(run_dir)
     record = json.loads((run_dir / "metrics.json").read_text())

@@ -48,7 +48,10 @@ def _submit(job: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def _ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, f"{proc.args[-1]} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    """The job's stdout, after checking it succeeded (else both streams' tails: spark-submit
+    prints the Python driver's stderr, tracebacks included, on its stdout)."""
+    assert proc.returncode == 0, (f"{proc.args} exited {proc.returncode}:\nstdout: {proc.stdout[-3000:]}\n"
+                                  f"stderr: {proc.stderr[-3000:]}")
     return proc.stdout
 
 
@@ -86,7 +89,8 @@ def test_simulate_features_train_score_under_spark_submit(tmp_path):
 
     out = _last_json(_ok(_submit("score.py", "--run", str(runs / "esmm" / "seed1"), "--data", str(feat),
                                  "--split", "test", "--output", str(tmp_path / "predictions"))))
-    assert out["rows"] == rows["test"], out
+    assert out["rows"] == rows["test"] and out["format"] == "delta", out
+    assert (tmp_path / "predictions" / "_delta_log").is_dir()
 
 
 def test_a_failing_job_exits_non_zero_with_its_message(tmp_path):

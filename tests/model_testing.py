@@ -119,3 +119,21 @@ def params_without_grad(model: CVRModel, batch: Batch) -> list[str]:
         for name, p in model.named_parameters()
         if p.requires_grad and (p.grad is None or not bool(torch.any(p.grad != 0)))
     ]
+
+
+def params_outside_graph(model: CVRModel) -> list[str]:
+    """Names of trainable parameters the last backward gave no gradient at all (None; a zero
+    gradient is fine). DDP runs with ``find_unused_parameters=False`` (TrainConfig), so every
+    trainable parameter must be in the graph of every step."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def bfloat16_loss(model: CVRModel, batch: Batch) -> dict[str, Tensor]:
+    """The loss terms of the loop's training forward with ``train.amp=true`` on CPU: the forward
+    under bfloat16 autocast, its outputs cast back to float32 for the losses
+    (``cvr_spark.train.loop.float32_outputs``). Not yet backpropagated."""
+    from cvr_spark.train.loop import float32_outputs
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    return model.loss(batch, float32_outputs(out))

@@ -14,7 +14,7 @@ from cvr_spark.models import registry
 from cvr_spark.models.base import FeatureSpec
 from cvr_spark.models.cstwa import CSTWA
 from cvr_spark.models.cstwa_graph import StructureGraph, graph_fields, normalize_adjacency
-from cvr_spark.train.loop import float32_outputs
+from tests.model_testing import bfloat16_loss, params_outside_graph
 
 N_USERS, N_ITEMS, CLUSTERS = 21, 17, 4  # graph nodes 0..N-1 (0 = OOV, self-only); vocab is larger
 SPEC = FeatureSpec(
@@ -179,11 +179,7 @@ def test_trains_under_bfloat16_autocast_with_graphs(overrides: dict) -> None:
     """train.amp=true on CPU: the structure migrator's graph lookups under bfloat16 autocast."""
     model = make_model(**overrides)
     model.train()
-    batch = make_batch(128, seed=2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(batch)
-    out = float32_outputs(out)
-    terms = model.loss(batch, out)
+    terms = bfloat16_loss(model, make_batch(128, seed=2))
     assert all(bool(torch.isfinite(v)) for v in terms.values())
     terms["total"].backward()
     assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
@@ -329,8 +325,7 @@ def test_empty_click_space_gives_finite_loss() -> None:
     terms = model.loss(batch, model(batch))
     assert all(torch.isfinite(v) for v in terms.values())
     terms["total"].backward()
-    # in the graph even without clicks (DDP runs with find_unused_parameters=False)
-    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert params_outside_graph(model) == []  # in the graph even without clicks (DDP)
 
 
 # --------------------------------------------------------------------------- ablations

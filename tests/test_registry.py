@@ -9,8 +9,7 @@ import torch
 
 from cvr_spark.cli import main
 from cvr_spark.models import registry
-from cvr_spark.train.loop import float32_outputs
-from tests.model_testing import make_batch, make_spec
+from tests.model_testing import bfloat16_loss, make_batch, make_spec, params_outside_graph
 
 EXPECTED = {
     "mlp", "esmm", "omoe", "mmoe", "cgc", "ple", "aitm", "escm2_ipw", "escm2_dr", "dcmt", "ukd",
@@ -46,9 +45,7 @@ def test_every_model_trains_one_step(name, preset, clicks):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     terms["total"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-    # DDP runs with find_unused_parameters=False (TrainConfig): every trainable parameter must be
-    # in the graph of every step (a zero gradient is fine, a missing one would stall DDP)
-    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert params_outside_graph(model) == []  # DDP's find_unused_parameters=False
     opt.step()
 
 
@@ -62,11 +59,7 @@ def test_every_model_trains_one_step_under_bfloat16_autocast(name):
     if name == "cstwa":  # with graphs: test_cstwa
         options["structure_migrator"] = False
     model = registry.build(name, spec, options)
-    batch = make_batch(spec, 64, seed=1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(batch)
-    out = float32_outputs(out)
-    terms = model.loss(batch, out)
+    terms = bfloat16_loss(model, make_batch(spec, 64, seed=1))
     assert all(math.isfinite(float(v.detach())) for v in terms.values())
     terms["total"].backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]

@@ -127,18 +127,22 @@ def train_steps(net: torch.nn.Module, model: Any, opt: torch.optim.Optimizer, ba
                 phases[key] = phases.get(key, 0.0) + dt
 
 
-def prepare(model: Any, device: str, embedding_optimizer: str | None, ddp: bool = False) -> tuple:
+def prepare(model: Any, device: str, embedding_optimizer: str | None, ddp: bool = False,
+            compiled: bool = False) -> tuple:
     """What the training loop does before its first step (``cvr_spark.train.loop._Trainer``):
-    the CPU allocator setting, the optimiser, and the DDP wrapper (row-wise embedding tables
-    kept out of DDP's all-reduce). Returns (net, optimiser)."""
+    the CPU allocator setting, the optimiser, the DDP wrapper (row-wise embedding tables
+    kept out of DDP's all-reduce) and, with ``compiled`` (``train.compile=true``),
+    ``torch.compile`` around it. Returns (net, optimiser)."""
     from cvr_spark.train.cpu import tune_malloc
-    from cvr_spark.train.loop import TrainConfig, make_optimizer, wrap_ddp
+    from cvr_spark.train.loop import TrainConfig, compile_net, make_optimizer, wrap_ddp
 
     cfg = TrainConfig()
     if device == "cpu" and cfg.tune_malloc:
         tune_malloc()
     opt = make_optimizer(model, embedding_optimizer)  # the loop's optimiser
     net = wrap_ddp(model, opt, torch.device(device), cfg.find_unused_parameters) if ddp else model
+    if compiled:
+        net = compile_net(net, torch.device(device), cfg.compile_mode)
     return net, opt
 
 
@@ -156,7 +160,8 @@ def measure(net: torch.nn.Module, model: Any, opt: torch.optim.Optimizer, batche
 
 
 def linear_shapes(net: torch.nn.Module, batch: dict, amp: bool = False) -> list[tuple[int, int, int]]:
-    """(rows, in, out) of every ``nn.Linear`` call in one training forward of ``batch``."""
+    """(rows, in, out) of every ``nn.Linear`` call in one training forward of ``batch`` (pass
+    the model itself, not a compiled wrapper: the hooks need the eager forward)."""
     shapes: list[tuple[int, int, int]] = []
 
     def hook(module: torch.nn.Linear, inputs: tuple, _output: Any) -> None:
@@ -213,7 +218,7 @@ def phase_ms(net: torch.nn.Module, model: Any, opt: torch.optim.Optimizer, batch
             del opt._table_step
     ms = {k: v / steps * 1e3 for k, v in total.items()}
     ms["step"] = ms["forward_loss"] + ms["backward"] + ms["optimizer"] + ms["hook"]
-    ms["gemm_alone"] = gemm_ms(linear_shapes(net, batches[0], amp), torch.bfloat16 if amp else torch.float32)
+    ms["gemm_alone"] = gemm_ms(linear_shapes(model, batches[0], amp), torch.bfloat16 if amp else torch.float32)
     return ms
 
 
@@ -221,43 +226,55 @@ def embedding_optimizer(model: Any, args: argparse.Namespace) -> str:
     return args.embedding_optimizer or model.cfg.embedding_optimizer
 
 
+def setting_name(device: str, amp: bool, compiled: bool) -> str:
+    return f"{device}{'-bf16' if amp else ''}{'-compile' if compiled else ''}"
+
+
 def bench_single(name: str, device: str, threads: int, args: argparse.Namespace,
-                 amps: Sequence[bool] = (False,)) -> list[dict]:
-    """One row per ``amps`` setting. Several settings are timed interleaved: each one's
-    ``args.steps`` timed steps run as ``args.rounds`` blocks in turn with the others' blocks,
-    so that a slow spell of a shared machine hits every setting alike; ``samples_per_s`` is
-    the median block, ``rounds`` every block."""
+                 amps: Sequence[bool] = (False,), compiles: Sequence[bool] = (False,)) -> list[dict]:
+    """One row per setting, a pair (amp, compiled) of ``amps`` x ``compiles``. Several settings
+    are timed interleaved: each one's ``args.steps`` timed steps run as ``args.rounds`` blocks in
+    turn with the others' blocks, so that a slow spell of a shared machine hits every setting
+    alike; ``samples_per_s`` is the median block, ``rounds`` every block. A compiled setting
+    compiles during its warm-up steps (``compile_s``: their seconds)."""
     torch.set_num_threads(threads)
     runs = []
     for amp in amps:
-        model = build_model(name, device)
-        batches = make_batches(model.spec, 8, args.batch_size, device)
-        net, opt = prepare(model, device, args.embedding_optimizer)
-        net.train()
-        train_steps(net, model, opt, batches, args.warmup, amp)  # warm-up, untimed
-        runs.append((amp, net, model, opt, batches))
+        for compiled in compiles:
+            model = build_model(name, device)
+            batches = make_batches(model.spec, 8, args.batch_size, device)
+            net, opt = prepare(model, device, args.embedding_optimizer, compiled=compiled)
+            net.train()
+            t0 = time.perf_counter()
+            train_steps(net, model, opt, batches, args.warmup, amp)  # warm-up, untimed
+            runs.append(((amp, compiled), net, model, opt, batches, time.perf_counter() - t0))
     block = max(1, args.steps // args.rounds)
-    rates: dict[bool, list[float]] = {amp: [] for amp in amps}
+    rates: dict[tuple, list[float]] = {key: [] for key, *_ in runs}
     for _ in range(args.rounds):
-        for amp, net, model, opt, batches in runs:
-            rates[amp].append(measure(net, model, opt, batches, 0, block, amp))
-    rows = [{"model": name, "setting": f"{device}{'-bf16' if amp else ''}", "threads": threads, "processes": 1,
-             "embedding_optimizer": embedding_optimizer(model, args),
-             "samples_per_s": statistics.median(rates[amp]), "rounds": rates[amp]}
-            for amp, _, model, _, _ in runs]
+        for (amp, compiled), net, model, opt, batches, _ in runs:
+            rates[amp, compiled].append(measure(net, model, opt, batches, 0, block, amp))
+    rows = []
+    for (amp, compiled), _, model, _, _, warm_s in runs:
+        row = {"model": name, "setting": setting_name(device, amp, compiled), "threads": threads, "processes": 1,
+               "embedding_optimizer": embedding_optimizer(model, args), "compiled": compiled,
+               "samples_per_s": statistics.median(rates[amp, compiled]), "rounds": rates[amp, compiled]}
+        if compiled:
+            row["compile_s"] = warm_s
+        rows.append(row)
     if args.breakdown and device == "cpu":
-        for row, (amp, net, model, opt, batches) in zip(rows, runs):
+        for row, ((amp, _), net, model, opt, batches, _) in zip(rows, runs):
             row["breakdown_ms"] = phase_ms(net, model, opt, batches, block, amp)
     return rows
 
 
-def _ddp_rank(rank: int, world: int, name: str, store: str, args: argparse.Namespace, queue: Any) -> None:
+def _ddp_rank(rank: int, world: int, name: str, store: str, args: argparse.Namespace, queue: Any,
+              compiled: bool = False) -> None:
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         model = build_model(name, "cpu")
-        net, opt = prepare(model, "cpu", args.embedding_optimizer, ddp=True)
+        net, opt = prepare(model, "cpu", args.embedding_optimizer, ddp=True, compiled=compiled)
         batches = make_batches(model.spec, 8, args.batch_size, "cpu", seed=rank)
         rate = measure(net, model, opt, batches, args.warmup, args.steps)
         queue.put((rank, rate, embedding_optimizer(model, args)))
@@ -265,18 +282,20 @@ def _ddp_rank(rank: int, world: int, name: str, store: str, args: argparse.Names
         dist.destroy_process_group()
 
 
-def bench_ddp(name: str, args: argparse.Namespace, world: int = 2) -> dict:
+def bench_ddp(name: str, args: argparse.Namespace, world: int = 2, compiled: bool = False) -> dict:
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:  # a rendezvous file: no free-port race
-        mp.start_processes(_ddp_rank, args=(world, name, f"file://{tmp}/rendezvous", args, queue), nprocs=world,
+        mp.start_processes(_ddp_rank, args=(world, name, f"file://{tmp}/rendezvous", args, queue, compiled),
+                           nprocs=world,
                            join=True, start_method="spawn")
     got = [queue.get() for _ in range(world)]
     rates = {rank: rate for rank, rate, _ in got}
-    return {"model": name, "setting": "ddp-gloo-cpu", "threads": 1, "processes": world,
-            "embedding_optimizer": got[0][2], "samples_per_s": sum(rates.values()),
+    return {"model": name, "setting": setting_name("ddp-gloo-cpu", False, compiled), "threads": 1,
+            "processes": world, "embedding_optimizer": got[0][2], "compiled": compiled,
+            "samples_per_s": sum(rates.values()),
             "per_rank": [rates[r] for r in range(world)]}
 
 
@@ -298,6 +317,8 @@ def main() -> None:
     p.add_argument("--breakdown", action="store_true",
                    help="CPU: also time the parts of a step (forward + loss, backward, optimiser, of which the "
                         "row-wise embedding update) and the towers' matrix products alone")
+    p.add_argument("--compile", action="store_true",
+                   help="also time every setting with torch.compile (train.compile=true), interleaved with the eager ones")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     provenance = _provenance.run_info()
@@ -305,18 +326,19 @@ def main() -> None:
     models = [m for m in wanted if m in registry.names()]
     skipped = sorted(set(wanted) - set(models))
     settings = set(args.settings.split(","))
+    compiles = (False, True) if args.compile else (False,)
     rows = []
     for name in models:
         if "cpu" in settings:  # with train.amp=true's bfloat16 autocast where this CPU has it
             amps = (False, True) if amp_supported(torch.device("cpu"), "bfloat16") else (False,)
-            rows += bench_single(name, "cpu", args.threads, args, amps)
+            rows += bench_single(name, "cpu", args.threads, args, amps, compiles)
         if "cuda" in settings and torch.cuda.is_available():
-            rows += bench_single(name, "cuda", args.threads, args, (False, True))
+            rows += bench_single(name, "cuda", args.threads, args, (False, True), compiles)
         if "ddp" in settings:
-            rows.append(bench_ddp(name, args))
+            rows += [bench_ddp(name, args, compiled=c) for c in compiles]
         for r in rows:
             if r["model"] == name:
-                print(f"{name:<8} {r['setting']:<14} threads={r['threads']} processes={r['processes']} "
+                print(f"{name:<8} {r['setting']:<22} threads={r['threads']} processes={r['processes']} "
                       f"embeddings={r['embedding_optimizer']}: "
                       f"{r['samples_per_s']:>12,.0f} samples/s", flush=True)
                 if "breakdown_ms" in r:
@@ -325,7 +347,9 @@ def main() -> None:
                           f"optimizer {b['optimizer']:.2f} (embedding rows {b['embedding_rows']:.2f}), "
                           f"hook {b['hook']:.2f} = {b['step']:.2f}; Linear matrix products alone "
                           f"{b['gemm_alone']:.2f}", flush=True)
-    for setting, how in (("cpu", "float32"), ("cpu-bf16", "bfloat16 autocast, train.amp=true")):
+    for setting, how in (("cpu", "float32"), ("cpu-bf16", "bfloat16 autocast, train.amp=true"),
+                         ("cpu-compile", "float32, train.compile=true"),
+                         ("cpu-bf16-compile", "bfloat16 autocast and torch.compile, train.amp=true train.compile=true")):
         rate = next((r["samples_per_s"] for r in rows if r["model"] == "esmm" and r["setting"] == setting), None)
         if rate is not None:
             print(f"ESMM on {args.threads} CPU threads, {how}: {rate:,.0f} samples/s "

@@ -126,17 +126,20 @@ def test_train_distributed_rejects_bad_jobs(tmp_path):
         train_distributed({k: v for k, v in job.items() if k != "seed"}, 2, use_gpu=False)
 
 
-def _lazy_rank(rank: int, world_size: int, store: str, out: str) -> None:
-    """Two ranks, each half of every batch, lazy embedding Adam through the loop's DDP wrapper."""
+def _lazy_rank(rank: int, world_size: int, store: str, out: str, compiled: bool = False) -> None:
+    """Two ranks, each half of every batch, lazy embedding Adam through the loop's DDP wrapper
+    (and ``torch.compile`` around it, as ``train.compile=true`` does, when ``compiled``)."""
     import torch.distributed as dist
 
-    from cvr_spark.train.loop import wrap_ddp
+    from cvr_spark.train.loop import compile_net, wrap_ddp
 
     _init_group(rank, world_size, store)
     try:
         torch.manual_seed(100 + rank)  # different initial weights: DDP and prepare_ddp copy rank 0's
         model, opt = _lazy_model()
         net = wrap_ddp(model, opt, torch.device("cpu"))
+        if compiled:
+            net = compile_net(net, torch.device("cpu"))
         assert set(model._ddp_params_and_buffers_to_ignore) == {"emb.table.weight", "emb.offsets"}
         for batch, c in _lazy_batches():
             half = slice(rank * 3, rank * 3 + 3)  # rank 0 reads rows the other rank does not
@@ -175,13 +178,15 @@ def _lazy_batches():
         yield {"sparse": sparse}, torch.randn(6, generator=g)
 
 
-def test_ddp_lazy_embedding_rows_match_one_process_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_ddp_lazy_embedding_rows_match_one_process_on_the_whole_batch(tmp_path, compiled):
     """DDP averages the ranks' gradients; the row-wise tables are all-reduced by the optimiser
     over the union of the ranks' rows. Two ranks with half a batch each must end where one
-    process with the whole batch ends, with identical tables on both ranks."""
+    process with the whole batch ends, with identical tables on both ranks; also with the DDP
+    module compiled (train.compile=true: DDP's graph splitting, the row lookups eager)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_lazy_rank, args=(2, _store(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_lazy_rank, args=(2, _store(tmp_path), str(tmp_path), compiled), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"lazy{r}.pt", weights_only=True) for r in (0, 1))
     torch.manual_seed(100)  # rank 0's initial weights
     model, opt = _lazy_model()

@@ -66,6 +66,38 @@ def test_every_model_trains_one_step_under_bfloat16_autocast(name):
     assert grads and all(bool(torch.isfinite(g).all()) and g.dtype == torch.float32 for g in grads)
 
 
+@pytest.mark.parametrize("name", sorted(EXPECTED | set(registry.names())))
+def test_every_model_traces_under_torch_compile(name):
+    """train.compile=true: torch.compile's tracing (dynamo + AOTAutograd, with the "aot_eager"
+    backend: Inductor's code generation is tested in test_loop, and costs seconds per model) of
+    every model gives the eager model's loss and gradients (eval mode: no dropout draws), and a
+    training-mode step through the compiled forward has finite gradients."""
+    torch.manual_seed(0)
+    spec = make_spec(n_sparse=4, vocab=12)
+    options = registry.preset_options(name, "paper")
+    if name == "cstwa":  # with graphs: test_cstwa
+        options["structure_migrator"] = False
+    model = registry.build(name, spec, options).eval()
+    batch = make_batch(spec, 64, seed=1)
+    compiled = torch.compile(model, backend="aot_eager")
+    results = []
+    for net in (model, compiled):
+        model.zero_grad(set_to_none=True)
+        total = model.loss(batch, net(batch))["total"]
+        total.backward()
+        results.append((total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (c_loss, c_grads) = results
+    torch.testing.assert_close(c_loss, loss)
+    assert c_grads.keys() == grads.keys()
+    for key in grads:
+        torch.testing.assert_close(c_grads[key], grads[key], rtol=1e-4, atol=1e-6, msg=key)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model.loss(batch, compiled(batch))["total"].backward()
+    assert params_outside_graph(model) == []
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+
+
 def test_models_command_prints_one_entry_per_name(capsys):
     assert main(["models"]) == 0
     text = capsys.readouterr().out

@@ -179,6 +179,13 @@ class _RowLookup(torch.autograd.Function):
         return None, None, None, None
 
 
+@torch.compiler.disable
+def _row_lookup(weight: Tensor, rows: Tensor, sink: RowGradient, keep: Tensor | None) -> Tensor:
+    """:class:`_RowLookup` run eagerly under ``torch.compile`` (``train.compile``): its backward
+    hands rows to a Python object, which a compiled graph cannot hold; the graph breaks here."""
+    return _RowLookup.apply(weight, rows, sink, keep)
+
+
 class EmbeddingArch(nn.Module):
     """One embedding table for all fields, with per-field offsets (one lookup per kind).
 
@@ -225,7 +232,7 @@ class EmbeddingArch(nn.Module):
         if self.row_gradient is None or not (torch.is_grad_enabled() and weight.requires_grad):
             return F.embedding(rows, weight)
         keep = None if valid is None else torch.broadcast_to(valid, rows.shape).reshape(-1)
-        out = _RowLookup.apply(weight, rows.reshape(-1), self.row_gradient, keep)  # [n, D]
+        out = _row_lookup(weight, rows.reshape(-1), self.row_gradient, keep)  # [n, D]
         return out.view(*rows.shape, self.dim)
 
     def forward(self, batch: Batch) -> Tensor:

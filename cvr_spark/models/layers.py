@@ -148,6 +148,9 @@ class CGC(nn.Module):
             start += m
         own[:, start:] = True
         self.register_buffer("own", own, persistent=False)  # [K, E_total]
+        for k in range(self.n_tasks):  # task k's expert columns, for index_copy (no boolean-mask write,
+            # whose data-dependent shape torch.compile cannot trace)
+            self.register_buffer(f"own_idx{k}", own[k].nonzero().flatten(), persistent=False)
         width = total if gate_mode == "masked" else None
         self.gates = nn.ModuleList(Gate(in_dim, width or int(own[k].sum())) for k in range(self.n_tasks))
         self.shared_gate = Gate(in_dim, total) if shared_output else None
@@ -159,8 +162,7 @@ class CGC(nn.Module):
         if self.gate_mode == "masked":
             return g * self.own[k].to(g.dtype)  # [B, E_total], not renormalised
         full = g.new_zeros(g.shape[0], self.own.shape[1])
-        full[:, self.own[k]] = g
-        return full  # [B, E_total]
+        return full.index_copy(1, getattr(self, f"own_idx{k}"), g)  # [B, E_total]
 
     def forward(self, task_inputs: Sequence[Tensor], shared_input: Tensor) -> tuple[list[Tensor], Tensor | None]:
         """Returns (one mixture [B, H] per task, the shared mixture [B, H] or None)."""

@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ LOADERS = ("arrow", "petastorm")
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "max_steps", "log_every", "checkpoint_every", "resume",
                                "num_threads", "eval_batch_size", "in_memory", "progress", "mlflow",
                                "find_unused_parameters", "tune_malloc", "device", "metric_names", "loader"})
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PASSTHROUGH_KEYS = ("click", "conversion", "user_key", "item_key", "sample_id")
 
 
@@ -69,6 +72,14 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = False
     amp_dtype: str = "bfloat16"
+    # torch.compile the training forward (TorchInductor; the row-wise embedding lookups stay
+    # eager, a graph break). Off by default: each model compiles for seconds (up to about 20 s on
+    # 2 CPU cores) before its first step, the dropout masks then come from Inductor's generator
+    # (seeded by torch's, so runs stay reproducible), and on CPU it needs a C++ compiler.
+    # compile_mode: torch.compile's mode; the CUDA-graph ones ("reduce-overhead", "max-autotune")
+    # only differ on a GPU and were not tried on one (no GPU was available to this project).
+    compile: bool = False
+    compile_mode: str = "default"
     log_every: int = 100
     checkpoint_every: int = 0
     resume: bool = True
@@ -106,6 +117,8 @@ class TrainConfig:
             raise ValueError(f"train.loader must be one of {LOADERS}, got {self.loader!r}")
         if self.amp_dtype not in ("bfloat16", "float16"):
             raise ValueError(f"train.amp_dtype must be bfloat16 or float16, got {self.amp_dtype!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"train.compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         self.metric_names = [m.strip() for m in self.early_stop_metric.split(",") if m.strip()]
         if not self.metric_names:
             raise ValueError("train.early_stop_metric names no metric")
@@ -131,6 +144,18 @@ def wrap_ddp(module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.
     prepare_ddp(module, optimizer)
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters)
+
+
+def compile_net(net: nn.Module, device: torch.device, mode: str = "default") -> nn.Module:
+    """``torch.compile(net, mode=mode)`` for training (``train.compile=true``), after DDP wrapping
+    where there is one (DDP's graph splitting at its buckets then applies). On CPU, Inductor
+    builds its kernels with a C++ compiler: a missing one is reported here, before any
+    training, instead of as a compiler crash at the first step."""
+    if device.type == "cpu" and not (os.environ.get("CXX") or any(
+            shutil.which(c) for c in ("g++", "c++", "clang++"))):
+        raise RuntimeError("train.compile=true on CPU needs a C++ compiler for TorchInductor's kernels "
+                           "(g++, c++ or clang++ on PATH, or CXX set); install one or set train.compile=false")
+    return torch.compile(net, mode=mode)
 
 
 def float32_outputs(out: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -347,8 +372,6 @@ class _Trainer:
 
     def __init__(self, model: CVRModel, train_loader: Any, valid_loader: Any, cfg: TrainConfig,
                  out_dir: Path, rank: int, world_size: int, meta: Optional[Mapping[str, Any]]) -> None:
-        import os
-
         self.module, self.train_loader, self.valid_loader = model, train_loader, valid_loader
         self.cfg, self.rank, self.world_size, self.meta = cfg, rank, world_size, plain(dict(meta or {}))
         self.path = out_dir / ckpt.CHECKPOINT_NAME
@@ -382,9 +405,12 @@ class _Trainer:
         self.net = self._wrap()
 
     def _wrap(self) -> nn.Module:
-        if self.world_size == 1:
-            return self.module
-        return wrap_ddp(self.module, self.optimizer, self.device, self.cfg.find_unused_parameters)
+        net = self.module
+        if self.world_size > 1:
+            net = wrap_ddp(net, self.optimizer, self.device, self.cfg.find_unused_parameters)
+        if self.cfg.compile:  # training forward only: validation and scoring run self.module eagerly
+            net = compile_net(net, self.device, self.cfg.compile_mode)
+        return net
 
     def _check_same_run(self, state: Mapping[str, Any]) -> None:
         """Raises ValueError when the checkpoint was written by another run (see :func:`run_identity`)."""

@@ -30,7 +30,9 @@ three low-cardinality fields (so that the test AUCs show whether a setting learn
 
 Settings (``--settings``): ``fp32``; ``amp`` = ``train.amp=true`` (bfloat16 autocast on CUDA,
 or on a CPU with native bfloat16; skipped, and listed as skipped, where
-:func:`cvr_spark.train.loop.amp_supported` says autocast would be off). The JSON also records
+:func:`cvr_spark.train.loop.amp_supported` says autocast would be off); ``compile`` =
+``train.compile=true`` (torch.compile of the training forward: the first epoch includes the
+compilation, so the best epoch is the one to compare); ``amp+compile`` = both. The JSON also records
 the git commit, the command line, the UTC time and the machine (``_provenance.py``).
 """
 from __future__ import annotations
@@ -50,6 +52,7 @@ import numpy as np
 import _provenance
 from train_throughput import VOCAB
 
+SETTINGS = {"fp32": (False, False), "amp": (True, False), "compile": (False, True), "amp+compile": (True, True)}
 TARGET_GPU_EPOCH_S = 20.0  # an epoch of 42M rows on one H100
 GPU_TARGET_ROWS = 42_000_000
 FILE_ROWS = 1_000_000  # rows per Parquet file (as the feature job's rows_per_file)
@@ -98,7 +101,8 @@ def run_setting(data: Path, folder: Path, setting: str, repeat: int, args: argpa
     """One run of ``setting`` into ``folder`` (its ``<model>/seed<k>`` run folder, results, report)."""
     from cvr_spark.train.experiment import run_train
 
-    overrides = [f"train.amp={'true' if setting == 'amp' else 'false'}", "train.progress=false",
+    amp, compiled = SETTINGS[setting]
+    overrides = [f"train.amp={str(amp).lower()}", f"train.compile={str(compiled).lower()}", "train.progress=false",
                  "train.mlflow=false", "train.patience=0", f"train.num_threads={args.threads}"]
     t0 = time.perf_counter()
     result = run_train(data, [args.model], [args.seed], preset=args.preset, epochs=args.epochs,
@@ -128,16 +132,16 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch threads (train.num_threads)")
-    p.add_argument("--settings", default="fp32,amp", help="subset of fp32, amp")
+    p.add_argument("--settings", default="fp32,amp", help=f"subset of {', '.join(SETTINGS)}")
     p.add_argument("--repeats", type=int, default=1, help="runs per setting, the settings in turn")
     p.add_argument("--workdir", default=None, help="synthetic table and runs (default: a temporary folder)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     provenance = _provenance.run_info()
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    unknown = sorted(set(settings) - {"fp32", "amp"})
+    unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
-        p.error(f"--settings: unknown {unknown}; expected a subset of fp32, amp")
+        p.error(f"--settings: unknown {unknown}; expected a subset of {', '.join(SETTINGS)}")
     if args.repeats < 1 or args.epochs < 1 or (args.rows < 1 and not args.data):
         p.error("--repeats, --epochs and --rows must be >= 1")
     device = resolve_device("auto")
@@ -153,9 +157,10 @@ def main() -> None:
             t0 = time.perf_counter()
             write_synthetic(data, args.rows)
             print(f"synthetic table: {args.rows:,} train rows in {time.perf_counter() - t0:.1f} s", flush=True)
-        if "amp" in settings and not amp_supported(device, "bfloat16"):
-            skipped.append(f"amp: no native bfloat16 autocast on {device}")
-            settings.remove("amp")
+        for setting in [s for s in settings if SETTINGS[s][0]]:
+            if not amp_supported(device, "bfloat16"):
+                skipped.append(f"{setting}: no native bfloat16 autocast on {device}")
+                settings.remove(setting)
         for repeat in range(args.repeats):
             # settings in turn, in ABBA order: a slow spell of the machine, or being the first or
             # the second run of a pair, then hits each setting alike
@@ -166,7 +171,7 @@ def main() -> None:
                 r = run_setting(data, folder, setting, repeat, args)
                 rows.append(r)
                 per_epoch = ", ".join(f"{e['epoch_s']:.1f} s" for e in r["epochs"])
-                print(f"{args.model} {setting:<5} on {device} (repeat {repeat}): best epoch {r['best_epoch_s']:.1f} s, "
+                print(f"{args.model} {setting:<11} on {device} (repeat {repeat}): best epoch {r['best_epoch_s']:.1f} s, "
                       f"{r['best_samples_per_s']:,.0f} samples/s (epochs: {per_epoch}); run {r['wall_s']:.0f} s; "
                       f"test ctr_auc {r['test']['ctr_auc']:.4f}, ctcvr_auc {r['test']['ctcvr_auc']:.4f}", flush=True)
     finally:
@@ -177,7 +182,7 @@ def main() -> None:
         rates = [r["best_samples_per_s"] for r in rows if r["setting"] == setting]
         summary[setting] = {"median_best_samples_per_s": statistics.median(rates), "min": min(rates),
                             "max": max(rates), "repeats": len(rates)}
-        print(f"{setting:<5}: best epoch per run, median of {len(rates)}: {statistics.median(rates):,.0f} samples/s "
+        print(f"{setting:<11}: best epoch per run, median of {len(rates)}: {statistics.median(rates):,.0f} samples/s "
               f"(range {min(rates):,.0f}-{max(rates):,.0f})")
     if device.type == "cuda" and rows:
         best = min(r["best_epoch_s"] * GPU_TARGET_ROWS / r["epochs"][0]["samples"] for r in rows)

@@ -127,19 +127,23 @@ def test_train_epoch_benchmark_runs_the_train_command_on_its_synthetic_table(tmp
 
 
 def test_train_throughput_breakdown_accounts_for_the_step(tmp_path):
-    """benchmarks/train_throughput.py --breakdown at a tiny size: the parts of a step add up to it,
-    the row-wise embedding update is inside the optimiser's share, and the matrix products of the
-    model's Linear calls were timed."""
+    """benchmarks/train_throughput.py --breakdown --compile at a tiny size: the parts of a step add
+    up to it, the row-wise embedding update is inside the optimiser's share, and the matrix
+    products of the model's Linear calls were timed; every setting also ran compiled."""
     import sys
 
     out = tmp_path / "tp.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--models", "esmm",
                            "--settings", "cpu", "--threads", "1", "--batch-size", "200", "--warmup", "1",
-                           "--steps", "4", "--rounds", "2", "--breakdown", "--out", str(out)],
+                           "--steps", "4", "--rounds", "2", "--breakdown", "--compile", "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(r["model"] == "esmm" and len(r["rounds"]) == 2 for r in rows)
+    eager = {r["setting"] for r in rows if not r["compiled"]}
+    compiled = {r["setting"] for r in rows if r["compiled"]}
+    assert "cpu" in eager and compiled == {f"{name}-compile" for name in eager}
+    assert all(r["compile_s"] > 0 for r in rows if r["compiled"])
     for row in rows:
         b = row["breakdown_ms"]
         assert b["step"] == pytest.approx(b["forward_loss"] + b["backward"] + b["optimizer"] + b["hook"])

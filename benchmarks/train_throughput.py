@@ -12,7 +12,9 @@ min-count filter; ids drawn Zipf-like, ~4% clicks, ~10% of clicks converting), s
 timed. Settings: CPU with ``--threads`` (2), in float32 and, on a CPU with native bfloat16
 (AVX512-BF16 or AMX; ``cvr_spark.train.loop.amp_supported``), with bfloat16 autocast as
 ``train.amp=true`` trains; CUDA when present (fp32 and bf16 autocast); and DDP with 2 CPU
-processes (gloo, 1 thread each; samples/s summed over ranks). CSTWA gets a synthetic K=8
+processes (gloo, 1 thread each; samples/s summed over ranks). ``--compile`` adds each of these
+settings again with ``torch.compile`` (``train.compile=true``), timed interleaved with the eager
+ones (the compilation happens in the warm-up steps; ``compile_s`` records them). CSTWA gets a synthetic K=8
 user/item graph (its Structure Migrator needs one). The float32 and bfloat16 settings of a
 device are timed interleaved, ``--rounds`` blocks each in turn, and report the median block
 (the JSON keeps every block): on a shared machine a slow spell then hits both alike, so that

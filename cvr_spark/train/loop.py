@@ -76,8 +76,9 @@ class TrainConfig:
     # eager, a graph break). Off by default: each model compiles for seconds (up to about 20 s on
     # 2 CPU cores) before its first step, the dropout masks then come from Inductor's generator
     # (seeded by torch's, so runs stay reproducible), and on CPU it needs a C++ compiler.
-    # compile_mode: torch.compile's mode; the CUDA-graph ones ("reduce-overhead", "max-autotune")
-    # only differ on a GPU and were not tried on one (no GPU was available to this project).
+    # compile_mode: torch.compile's mode. "reduce-overhead" and "max-autotune" add CUDA graphs on a
+    # GPU, which were never tried (no GPU was available to this project); on 2 CPU cores
+    # "max-autotune-no-cudagraphs" timed like "default" for ESMM's step.
     compile: bool = False
     compile_mode: str = "default"
     log_every: int = 100
@@ -409,6 +410,12 @@ class _Trainer:
         if self.world_size > 1:
             net = wrap_ddp(net, self.optimizer, self.device, self.cfg.find_unused_parameters)
         if self.cfg.compile:  # training forward only: validation and scoring run self.module eagerly
+            # Each run starts from empty compile caches: the models of an experiment train one
+            # after the other in one process and share functions (EmbeddingArch.lookup, MLP's
+            # forward) whose cached graphs would otherwise pile up per model, shape and autocast
+            # state until dynamo's recompile limit sends them back to eager. (Inductor's on-disk
+            # cache still makes a repeated compilation fast.)
+            torch.compiler.reset()
             net = compile_net(net, self.device, self.cfg.compile_mode)
         return net
 

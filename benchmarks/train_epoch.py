@@ -157,8 +157,8 @@ def main() -> None:
             t0 = time.perf_counter()
             write_synthetic(data, args.rows)
             print(f"synthetic table: {args.rows:,} train rows in {time.perf_counter() - t0:.1f} s", flush=True)
-        for setting in [s for s in settings if SETTINGS[s][0]]:
-            if not amp_supported(device, "bfloat16"):
+        if not amp_supported(device, "bfloat16"):
+            for setting in [s for s in settings if SETTINGS[s][0]]:
                 skipped.append(f"{setting}: no native bfloat16 autocast on {device}")
                 settings.remove(setting)
         for repeat in range(args.repeats):

@@ -17,20 +17,29 @@ EXPECTED = {
 }
 
 
+ALL_NAMES = sorted(EXPECTED | set(registry.names()))
+
+
+def _build(name: str, preset: str) -> tuple:
+    """(model, spec): ``name`` from ``preset`` on a small spec, seeded. CSTWA without its
+    structure migrator: graphs are tested in test_cstwa / test_graph; here the rest of the model."""
+    torch.manual_seed(0)
+    spec = make_spec(n_sparse=4, vocab=12)
+    options = registry.preset_options(name, preset)
+    if name == "cstwa":
+        options["structure_migrator"] = False
+    return registry.build(name, spec, options), spec
+
+
 def test_registry_has_every_model_of_the_issue():
     assert EXPECTED <= set(registry.names())
 
 
 @pytest.mark.parametrize("clicks", [True, False])
 @pytest.mark.parametrize("preset", ["fast", "paper"])
-@pytest.mark.parametrize("name", sorted(EXPECTED | set(registry.names())))
+@pytest.mark.parametrize("name", ALL_NAMES)
 def test_every_model_trains_one_step(name, preset, clicks):
-    torch.manual_seed(0)
-    spec = make_spec(n_sparse=4, vocab=12)
-    options = registry.preset_options(name, preset)
-    if name == "cstwa":  # graphs are tested in test_cstwa / test_graph; here the rest of the model
-        options["structure_migrator"] = False
-    model = registry.build(name, spec, options)
+    model, spec = _build(name, preset)
     model.train()
     batch = make_batch(spec, 64, seed=1)
     if not clicks:  # a batch without clicks (common at Ali-CCP's 4% CTR with small batches)
@@ -49,16 +58,11 @@ def test_every_model_trains_one_step(name, preset, clicks):
     opt.step()
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED | set(registry.names())))
+@pytest.mark.parametrize("name", ALL_NAMES)
 def test_every_model_trains_one_step_under_bfloat16_autocast(name):
     """train.amp=true: the loop's forward under CPU bfloat16 autocast, outputs cast back to
     float32 for the losses (cvr_spark.train.loop), gives finite losses and gradients."""
-    torch.manual_seed(0)
-    spec = make_spec(n_sparse=4, vocab=12)
-    options = registry.preset_options(name, "paper")
-    if name == "cstwa":  # with graphs: test_cstwa
-        options["structure_migrator"] = False
-    model = registry.build(name, spec, options)
+    model, spec = _build(name, "paper")
     terms = bfloat16_loss(model, make_batch(spec, 64, seed=1))
     assert all(math.isfinite(float(v.detach())) for v in terms.values())
     terms["total"].backward()
@@ -66,18 +70,14 @@ def test_every_model_trains_one_step_under_bfloat16_autocast(name):
     assert grads and all(bool(torch.isfinite(g).all()) and g.dtype == torch.float32 for g in grads)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED | set(registry.names())))
+@pytest.mark.parametrize("name", ALL_NAMES)
 def test_every_model_traces_under_torch_compile(name):
     """train.compile=true: torch.compile's tracing (dynamo + AOTAutograd, with the "aot_eager"
     backend: Inductor's code generation is tested in test_loop, and costs seconds per model) of
     every model gives the eager model's loss and gradients (eval mode: no dropout draws), and a
     training-mode step through the compiled forward has finite gradients."""
-    torch.manual_seed(0)
-    spec = make_spec(n_sparse=4, vocab=12)
-    options = registry.preset_options(name, "paper")
-    if name == "cstwa":  # with graphs: test_cstwa
-        options["structure_migrator"] = False
-    model = registry.build(name, spec, options).eval()
+    model, spec = _build(name, "paper")
+    model.eval()
     batch = make_batch(spec, 64, seed=1)
     compiled = torch.compile(model, backend="aot_eager")
     results = []

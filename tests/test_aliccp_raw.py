@@ -80,3 +80,24 @@ def test_paddle_joined_bytes_that_are_not_utf8_are_rejected(spark, tmp_path):
     assert data.train.count() == 2
     assert [(r["reason"]) for r in data.rejects.select("reason").collect()] == ["invalid_utf8"]
     assert data.rejects.where(F.col("line").startswith("2,")).count() == 1
+
+
+def test_single_field_lookup_matches_whole_field_names_only(spark, tmp_path):
+    """A single-valued field is found by its whole name at a feature's start: ``127`` is not
+    ``127_14`` (a multi-valued field), nor an id or a value that reads ``127``; the first of
+    two occurrences wins, in the skeleton as in the common list."""
+    common = [line("k1", "3", SEP.join([feature("127_14", "h1"), feature("101", "127"),
+                                        feature("127", "u127")])),
+              line("k2", "2", SEP.join([feature("127_14", "h2"), feature("1270", "x")]))]
+    skeleton = [line("1", "1", "0", "k1", "3", SEP.join([feature("205", "127", "127"),
+                                                         feature("210", "a"), feature("210", "b")])),
+                line("2", "0", "0", "k2", "1", feature("301", "c" * 300)),
+                line("3", "0", "0", "k2", "2", SEP.join([feature("301", "s"), feature("127", "s127")]))]
+    data = read_source(spark, "aliccp-raw", write_raw(tmp_path / "raw", skeleton, common), fields="full")
+    rows = {r["sample_id"]: r for r in data.train.collect()}
+    assert sorted(rows) == [1, 2, 3]
+    assert (rows[1]["127"], rows[1]["127_14"], rows[1]["101"]) == ("u127", ["h1"], "127")
+    assert (rows[1]["205"], rows[1]["210"], rows[1]["301"]) == ("127", "a", None)
+    assert (rows[2]["127"], rows[2]["127_14"], rows[2]["301"]) == (None, ["h2"], "c" * 300)
+    assert (rows[3]["127"], rows[3]["301"]) == ("s127", "s")
+    assert data.rejects.count() == 0

@@ -110,11 +110,6 @@ def readable_line(value: Column) -> Column:
     return F.when(F.is_valid_utf8(value), value).otherwise(F.make_valid_utf8(value))
 
 
-def _clean(value: Column) -> Column:
-    """The line without a trailing carriage return (CRLF files)."""
-    return F.regexp_replace(value, "\r$", "")
-
-
 def _raw_tokens(feature_list: Column) -> Column:
     """The ``\\x01``-separated features of a list; an empty list gives an empty array."""
     return F.when(feature_list == "", F.array().cast("array<string>")).otherwise(
@@ -174,10 +169,24 @@ def _malformed(tokens: Column, pattern: str) -> Column:
 
 
 def _split_lines(spark: SparkSession, path: str) -> DataFrame:
-    """``_source_file``, ``_line`` and ``_parts`` (the comma-separated columns) of a file."""
+    """``_source_file``, ``_line`` and ``_parts`` (the comma-separated columns) of a file.
+    Spark's text reader (Hadoop's line reader) ends a line at LF, CR or CRLF, so no line holds
+    a carriage return: CRLF files need no cleaning (``test_sources`` reads one)."""
     return barrier(spark.read.text(path).select(
         F.lit(path).alias("_source_file"), readable_line(F.col("value")).alias("_line"),
-        not_utf8(F.col("value")).alias("_utf8_bad"), F.split(_clean(F.col("value")), ",", -1).alias("_parts")))
+        not_utf8(F.col("value")).alias("_utf8_bad"), F.split(F.col("value"), ",", -1).alias("_parts")))
+
+
+def raw_sample_id(first_column: Column) -> Column:
+    """A skeleton line's raw sample id (long; null when it is not one) from its first column."""
+    return first_column.try_cast("long")
+
+
+def read_ids(spark: SparkSession, path: str) -> DataFrame:
+    """``_raw_id`` of every line of a skeleton file, as :func:`read_skeleton` reads it, from a
+    scan of the first column alone (the duplicate-id check needs every id of the file)."""
+    return spark.read.text(path).select(
+        raw_sample_id(F.substring_index(F.col("value"), ",", 1)).alias("_raw_id"))
 
 
 def read_common(spark: SparkSession, path: str, fields: Sequence[FieldInfo]) -> DataFrame:
@@ -205,7 +214,7 @@ def read_skeleton(spark: SparkSession, path: str, common: DataFrame,
     parts = F.col("_parts")
     tokens = barrier(_split_lines(spark, path).select(
         "_source_file", "_line", "_utf8_bad", F.size(parts).alias("_ncols"),
-        F.get(parts, 0).try_cast("long").alias("_raw_id"),
+        raw_sample_id(F.get(parts, 0)).alias("_raw_id"),
         F.get(parts, 1).alias("click"), F.get(parts, 2).alias("conversion"),
         F.get(parts, 3).alias("_key"), F.get(parts, 4).try_cast("int").alias("_count"),
         _raw_well_formed(F.get(parts, 5)).alias("_well_formed"),

@@ -96,12 +96,14 @@ class FeaturesConfig:
     broadcast_max_ids: int = 1_000_000
     # percentile_approx accuracy of the split_column threshold (relative error 1/accuracy).
     quantile_accuracy: int = 10_000
-    # Materialise the canonical frame and the encoded features frame with local checkpoints
-    # (True) instead of persist (False). A checkpoint cuts a frame's plan (the whole parse of
-    # the input; the 18 encoding joins) down to a scan of the stored rows, so the encoding, the
-    # split statistics and the writes are analysed over short plans: about 8 s less driver
-    # time per job from the canonical frame (7.5-9 s went to analysing the 18 joins alone) and
-    # 6-7 s from the features frame (200k rows). A local checkpoint lives on the executors
+    # Materialise the parsed input lines (or, for a source without them, the canonical frame)
+    # and the encoded features frame with local checkpoints (True) instead of persist (False).
+    # A checkpoint cuts a frame's plan (the whole parse of the input; the 18 encoding joins)
+    # down to a scan of the stored rows, so the later stages are analysed over short plans:
+    # about 8 s less driver time per job from the parse (7.5-9 s went to analysing the 18
+    # joins over it) and 6-7 s from the features frame (200k rows); and it stores rows as they
+    # are, where persist builds a compressed columnar cache (22 s of the 5M-row job's parse
+    # phase, measured). A local checkpoint lives on the executors
     # and is not recomputed if one is lost (the job fails and can be re-run; the published
     # tables are untouched); set False on clusters that lose executors (spot, downscaling).
     truncate_lineage: bool = True
@@ -132,10 +134,12 @@ class SourceLike(Protocol):
     fields: list[FieldInfo]
     dense_fields: list[str]
     source_files: dict[str, list[str]]
-    # Optional: the frame the ones above derive from; persisted first when present.
+    # Optional: the frame the ones above derive from; stored first when present (with_parsed).
     parsed: Optional[DataFrame]
 
     def input_rows(self) -> dict[str, int]: ...
+
+    def with_parsed(self, parsed: DataFrame) -> "SourceLike": ...
 
 
 # ---------------------------------------------------------------- stages (pure DataFrame -> DataFrame)
@@ -500,18 +504,34 @@ def _release(df: DataFrame) -> None:
         pass
 
 
+def _store_parsed(cfg: FeaturesConfig, data: SourceLike, held: list[DataFrame]) -> SourceLike:
+    """The source with its parsed lines stored once (:func:`_persist`) and every frame derived
+    from the stored rows: the input is parsed once for the rejects, the canonical frames and
+    the counts. A line's raw text is kept only where the row is rejected (the rejects table
+    needs it; the accepted rows do not), which spares storing the input's text a second time."""
+    parsed = getattr(data, "parsed", None)
+    if parsed is None:
+        return data
+    slim = parsed.withColumn("_line", F.when(F.col("_reason").isNotNull(), F.col("_line")))
+    return data.with_parsed(_persist(slim, held, cfg.truncate_lineage))
+
+
 def _feature_table(cfg: FeaturesConfig, data: SourceLike, held: list[DataFrame]) -> tuple:
-    """Canonical frame (materialised once) -> vocab (persisted) -> the features frame
-    (materialised once)."""
+    """Canonical frame -> vocab (persisted) -> the features frame (materialised once).
+
+    The canonical frame is read twice (vocabularies, encoding). Where the source's parsed lines
+    are stored (:func:`_store_parsed`) it is a filter of them and is not stored again (a second
+    copy of every row cost more than the two scans); else it is materialised once."""
     names = [f.name for f in data.fields]
     keys = [k if k in names else None for k in (USER_KEY_FIELD, ITEM_KEY_FIELD)]
-    canonical = _persist(add_keys(canonical_frame(data), *keys), held, cfg.truncate_lineage)
+    parsed = getattr(data, "parsed", None)
+    canonical = add_keys(canonical_frame(data), *keys)
+    if parsed is None:
+        canonical = _persist(canonical, held, cfg.truncate_lineage)
     check_fields(canonical, data.fields)
     train_in = canonical.where(F.col(INPUT_SPLIT) == "train")
     vocab = _persist(build_vocab(train_in, data.fields, cfg.min_count), held)
-    sizes = vocab_sizes(vocab, data.fields)  # materialises the canonical frame (and the vocab)
-    if getattr(data, "parsed", None) is not None:  # read only by the canonical frame and the
-        _release(data.parsed)                      # rejects, both materialised by now
+    sizes = vocab_sizes(vocab, data.fields)  # materialises the vocab
     frac = 0.0 if data.valid is not None else cfg.valid_fraction
     threshold = None
     if cfg.split_column and frac > 0:
@@ -519,6 +539,8 @@ def _feature_table(cfg: FeaturesConfig, data: SourceLike, held: list[DataFrame])
     encoded = encode(canonical, vocab, data.fields, sizes, cfg.broadcast_max_ids)
     split = assign_split(add_labels(encoded), frac, cfg.seed, cfg.split_column, threshold)
     table = _persist(feature_frame(split, data.fields, data.dense_fields), held, cfg.truncate_lineage)
+    if parsed is not None:  # read by the canonical frame and the rejects, both materialised now
+        _release(parsed)
     mode = "source" if data.valid is not None else "column" if cfg.split_column else "random"
     split_info = {"mode": mode, "valid_fraction": frac, "seed": cfg.seed,
                   "split_column": cfg.split_column, "threshold": threshold}
@@ -530,9 +552,7 @@ def build_features(cfg: FeaturesConfig, data: SourceLike) -> dict:
     cfg.check()
     held: list[DataFrame] = []
     try:
-        parsed = getattr(data, "parsed", None)
-        if parsed is not None:  # parse the input once for rejects, canonical frame and ids
-            parsed = _persist(parsed, held)
+        data = _store_parsed(cfg, data, held)
         rejects = _persist(data.rejects, held)
         reject_counts = {(r[INPUT_SPLIT], r["reason"]): int(r["count"])
                          for r in rejects.groupBy(INPUT_SPLIT, "reason").count().collect()}

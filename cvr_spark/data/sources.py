@@ -51,10 +51,11 @@ Decisions where the spec is silent:
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
-from functools import reduce
-from typing import Any, Optional
+from functools import partial, reduce
+from typing import Any, Callable, Optional
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -96,6 +97,23 @@ class SourceData:
     # above all derive from it, so persisting it parses the input once, not once per frame
     # (and per self-join) that reads it.
     parsed: Optional[DataFrame] = field(default=None, repr=False)
+    # How train / valid / test / rejects derive from ``parsed`` (see :meth:`with_parsed`).
+    derive: Optional[Callable[[DataFrame], tuple[dict[str, DataFrame], DataFrame]]] = field(
+        default=None, repr=False)
+
+    def with_parsed(self, parsed: DataFrame) -> "SourceData":
+        """This source with its frames derived from ``parsed``: the parsed lines (the columns of
+        :attr:`parsed`) as stored by the caller, e.g. a local checkpoint, which a frame derived
+        from the original plan would not read.
+
+        Raises:
+            ValueError: this source has no parsed frame to derive from.
+        """
+        if self.derive is None:
+            raise ValueError("this source has no parsed frame to derive its frames from")
+        frames, rejects = self.derive(parsed)
+        return dataclasses.replace(self, train=frames["train"], valid=frames.get("valid"),
+                                   test=frames.get("test"), rejects=rejects, parsed=parsed)
 
     def input_rows(self) -> dict[str, int]:
         """Data lines read per input split (headers excluded), counted on the raw lines.
@@ -186,7 +204,7 @@ def read_source(spark: SparkSession, source: str, input: str, fields: str = "ait
         parsed = {s: [aliccp_raw.read_joined(spark, p, infos) for p in paths]
                   for s, paths in files.items()}
         lines = {s: [spark.read.text(p) for p in paths] for s, paths in files.items()}
-        return _assemble(parsed, lines, files, infos, [], raw_ids=False)
+        return _assemble(parsed, lines, files, infos, [])
     return _read_csv(spark, source, CSV_FORMATS[source], files)
 
 
@@ -260,14 +278,17 @@ def _generated_ids(df: DataFrame, split: str) -> DataFrame:
     return df.withColumn("sample_id", F.monotonically_increasing_id() + offset)
 
 
-def _raw_sample_ids(df: DataFrame, split: str) -> DataFrame:
+def _raw_sample_ids(df: DataFrame, split: str, ids: DataFrame) -> DataFrame:
     """``sample_id`` of raw-id sources (the raw id + the split offset) and their id rejects.
 
-    The duplicated ids are broadcast to the join: every row that carries one is rejected, so
-    they are few in any input that passes the reject bound, and the rows are not shuffled.
+    ``ids`` holds the ``_raw_id`` of every line of the split, read apart from the parse (a
+    scan of the first column: a few seconds for millions of lines), so that the parsed rows
+    come out with their final reasons in one pass and are stored once. The duplicated ids
+    are broadcast to the join: every row that carries one is rejected, so they are few in
+    any input that passes the reject bound, and the rows are not shuffled.
     """
     offset = F.lit(SAMPLE_ID_OFFSET[split]).cast("long")
-    dups = (df.filter(F.col("_raw_id").isNotNull()).groupBy("_raw_id").count()
+    dups = (ids.filter(F.col("_raw_id").isNotNull()).groupBy("_raw_id").count()
             .filter(F.col("count") > 1).select("_raw_id", F.lit(True).alias("_dup")))
     df = df.join(F.broadcast(dups), on="_raw_id", how="left")
     reason = F.coalesce(F.col("_reason"), aliccp_raw.first_reason([
@@ -312,38 +333,51 @@ def _without_headers(rejects: DataFrame) -> DataFrame:
 
 def _assemble(parsed: dict[str, list[DataFrame]], lines: dict[str, list[DataFrame]],
               files: dict[str, list[str]], fields: list[FieldInfo], dense: list[str],
-              raw_ids: bool, header_lines: Optional[dict[str, int]] = None) -> SourceData:
+              ids: Optional[dict[str, DataFrame]] = None,
+              header_lines: Optional[dict[str, int]] = None) -> SourceData:
     """Per-split parsed frames (one row per raw line) -> :class:`SourceData`.
 
-    All splits meet in one frame (``SourceData.parsed``) that the canonical frames and the
-    rejects are filtered from, so that one persisted frame serves them all. ``header_lines``:
-    files with a header per split (their header-equal lines are marked ``repeated_header``).
+    All splits meet in one frame (``SourceData.parsed``, every reason final) that the canonical
+    frames and the rejects are filtered from (:func:`_derive`), so that one stored frame serves
+    them all. ``ids``: for raw-id sources, the raw ids of every line per split
+    (:func:`_raw_sample_ids`); None for sources with generated ids. ``header_lines``: files
+    with a header per split (their header-equal lines are marked ``repeated_header``).
     """
     header_lines = header_lines or {}
     splits = [s for s in SPLITS if s in parsed]
-    per_split = {s: _with_file_index(_with_split_key(reduce(DataFrame.unionByName, parsed[s]), raw_ids),
+    per_split = {s: _with_file_index(_with_split_key(reduce(DataFrame.unionByName, parsed[s]), ids is not None),
                                      files[s]) for s in splits}
-    if not raw_ids:
+    if ids is None:
         per_split = {s: _generated_ids(df, s) for s, df in per_split.items()}
+    else:
+        per_split = {s: _raw_sample_ids(df, s, ids[s]) for s, df in per_split.items()}
     rows = reduce(DataFrame.unionByName, [df.withColumn("input_split", F.lit(s))
                                           for s, df in per_split.items()])
+    derive = partial(_derive, splits=splits, fields=fields, dense=dense,
+                     header_splits=[s for s in splits if header_lines.get(s)])
+    counted = [d.select(F.lit(s).alias("input_split")) for s in splits for d in lines[s]]
+    frames, rejects = derive(rows)
+    return SourceData(
+        train=frames["train"], valid=frames.get("valid"), test=frames.get("test"),
+        rejects=rejects, fields=fields, dense_fields=dense,
+        source_files={s: files[s] for s in SPLITS if s in files},
+        data_lines=reduce(DataFrame.unionByName, counted),
+        header_lines={s: n for s, n in header_lines.items() if n}, parsed=rows, derive=derive)
+
+
+def _derive(rows: DataFrame, splits: list[str], fields: list[FieldInfo], dense: list[str],
+            header_splits: list[str]) -> tuple[dict[str, DataFrame], DataFrame]:
+    """(canonical frame per split, rejects) filtered from the parsed lines ``rows``; the
+    rejects of ``header_splits`` less their files' headers (:func:`_without_headers`)."""
     frames, rejects = {}, []
     for split in splits:
         df = rows.filter(F.col("input_split") == split)
-        if raw_ids:
-            df = _raw_sample_ids(df, split)
         frames[split] = _canonical(df, fields, dense)
         rejected = df.filter(F.col("_reason").isNotNull()).select(
             F.col("_source_file").alias("source_file"), F.col("_line").alias("line"),
             F.col("_reason").alias("reason"), F.lit(split).alias("input_split"))
-        rejects.append(_without_headers(rejected) if header_lines.get(split) else rejected)
-    counted = [d.select(F.lit(s).alias("input_split")) for s in splits for d in lines[s]]
-    return SourceData(
-        train=frames["train"], valid=frames.get("valid"), test=frames.get("test"),
-        rejects=reduce(DataFrame.unionByName, rejects), fields=fields, dense_fields=dense,
-        source_files={s: files[s] for s in SPLITS if s in files},
-        data_lines=reduce(DataFrame.unionByName, counted),
-        header_lines={s: n for s, n in header_lines.items() if n}, parsed=rows)
+        rejects.append(_without_headers(rejected) if split in header_splits else rejected)
+    return frames, reduce(DataFrame.unionByName, rejects)
 
 
 # ---------------------------------------------------------------- raw Ali-CCP
@@ -368,7 +402,8 @@ def _read_aliccp_raw(spark: SparkSession, input: str, fields: list[FieldInfo],
         spark, f[0], aliccp_raw.read_common(spark, f[1], fields), fields,
         broadcast_common=_size(spark, f[1]) <= BROADCAST_COMMON_MAX_BYTES)] for s, f in files.items()}
     lines = {s: [spark.read.text(f[0])] for s, f in files.items()}
-    return _assemble(parsed, lines, files, fields, [], raw_ids=True)
+    ids = {s: aliccp_raw.read_ids(spark, f[0]) for s, f in files.items()}
+    return _assemble(parsed, lines, files, fields, [], ids=ids)
 
 
 # ---------------------------------------------------------------- CSV
@@ -447,7 +482,7 @@ def _read_csv(spark: SparkSession, source: str, fmt: _CsvFormat,
         parsed[split] = [_parse_csv(d, p, headers[p] or layout, fmt, order, dense, first[p])
                          for d, p in zip(lines[split], paths)]
     header_lines = {s: sum(first[p] is not None for p in paths) for s, paths in files.items()}
-    return _assemble(parsed, lines, files, fields, dense, raw_ids=False,
+    return _assemble(parsed, lines, files, fields, dense,
                      header_lines=header_lines)
 
 

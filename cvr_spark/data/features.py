@@ -206,6 +206,11 @@ def _quote(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
+def _id_hash(raw_id: Column) -> Column:
+    """The join key of a raw id: its xxhash64 (null for null)."""
+    return F.when(raw_id.isNotNull(), F.xxhash64(raw_id))
+
+
 def _encode_singles(df: DataFrame, vocab: DataFrame, names: list[str], broadcast: list[str]) -> DataFrame:
     """All single-valued fields by one left join each; ``broadcast`` names the fields whose
     vocabulary is hinted BROADCAST.
@@ -216,10 +221,13 @@ def _encode_singles(df: DataFrame, vocab: DataFrame, names: list[str], broadcast
     """
     columns, index = df.columns, {}
     for i, n in enumerate(names):
-        v = vocab.where(F.col("field") == n).select(F.col("raw_id").alias(f"_vr{i}"),
+        v = vocab.where(F.col("field") == n).select(_id_hash(F.col("raw_id")).alias(f"_vh{i}"),
+                                                     F.col("raw_id").alias(f"_vr{i}"),
                                                      F.col("index").alias(f"_vi{i}"))
+        raw = F.col(_quote(n)).cast("string")
+        same = F.coalesce(raw == F.col(f"_vr{i}"), F.lit(False))
         df = df.join(F.broadcast(v) if n in broadcast else v,
-                     F.col(_quote(n)).cast("string") == F.col(f"_vr{i}"), "left")
+                     (_id_hash(raw) == F.col(f"_vh{i}")) & same, "left")
         index[n] = F.coalesce(F.col(f"_vi{i}"), F.lit(0)).cast("int").alias(n)
     return df.select(*[index.get(c, F.col(_quote(c))) for c in columns])
 

@@ -101,3 +101,38 @@ def test_single_field_lookup_matches_whole_field_names_only(spark, tmp_path):
     assert (rows[2]["127"], rows[2]["127_14"], rows[2]["301"]) == (None, ["h2"], "c" * 300)
     assert (rows[3]["127"], rows[3]["301"]) == ("s127", "s")
     assert data.rejects.count() == 0
+
+
+def test_feature_list_checks_agree_with_the_token_grammar(spark):
+    """``_raw_list`` judges a list by counts after one regex replace; the oracle is the token
+    grammar itself (:data:`RAW_FEATURE_RE`, matched token by token in Python): hand-picked
+    damage plus random strings over the separators, digits and the characters of a number."""
+    import random
+    import re
+
+    from cvr_spark.data.aliccp_raw import RAW_FEATURE_RE, _raw_list
+
+    picked = ["", feature("a", "b"), SEP.join([feature("a", "b"), feature("c", "d", "-2e5")]),
+              "ab", f"a{ID}b", f"{ID}b{VAL}1", f"a{ID}{VAL}1", f"a{ID}b{VAL}", f"a{ID}b{VAL}x",
+              f"a{ID}b{VAL}1{ID}c{VAL}1", f"a{VAL}x{ID}b{VAL}1", feature("a", "b") + SEP, SEP + feature("a", "b"),
+              feature("a", "b") + SEP + SEP + feature("c", "d"), feature("a", "b", ".5") + SEP + feature("c", "d", "1."),
+              feature("a", "b") + VAL, feature("a", "b", "1e"), feature("a", "b", "+1E-3"), feature("a b", "c")]
+    rng = random.Random(7)
+    alphabet = ["a", "7", ".", "e", "-", SEP, ID, VAL, ID, VAL, SEP]
+    fuzz = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 14))) for _ in range(400)]
+    fuzz += [SEP.join(feature(rng.choice("ab"), rng.choice("7x"), rng.choice(["1", "1.5", "e", "-.5", "7e"]))
+                      for _ in range(rng.randint(1, 4))) for _ in range(200)]
+    cases = list(dict.fromkeys(picked + fuzz))
+    got = spark.createDataFrame([(i, s) for i, s in enumerate(cases)], "i int, l string") \
+        .select("i", *_raw_list(F.col("l"))).collect()
+    got = {r["i"]: r for r in got}
+    bad_seen = 0
+    for i, text in enumerate(cases):
+        tokens = text.split(SEP) if text else []
+        bad = not all(re.fullmatch(RAW_FEATURE_RE, t, re.ASCII) for t in tokens)
+        bad_seen += bad
+        row = got[i]
+        assert (row["_feat_bad"], row["_nfeat"]) == (bad, len(tokens)), repr(text)
+        if not bad and tokens:
+            assert row["_tokens"] == tokens and row["_names"] == [t.split(ID)[0] for t in tokens], repr(text)
+    assert 0 < bad_seen < len(cases)  # both kinds are exercised

@@ -47,6 +47,8 @@ FEATURE_SEP, ID_SEP, VALUE_SEP = "\x01", "\x02", "\x03"
 _NUMBER = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
 # field \x02 feature_id \x03 value; no separator byte inside a part.
 RAW_FEATURE_RE = f"^[^\x01\x02\x03]+\x02[^\x01\x02\x03]+\x03{_NUMBER}$"
+# A token's \x02 feature_id \x03 value, up to the token's end (what follows its field name).
+ID_VALUE_RE = f"\x02[^\x01\x02\x03]+\x03{_NUMBER}(?=\x01|\\z)"
 # PaddleRec joined token: field:feature_id.
 JOINED_FEATURE_RE = r"^[^:,\s]+:[^:,\s]+$"
 LABELS = ("0", "1")
@@ -110,20 +112,32 @@ def readable_line(value: Column) -> Column:
     return F.when(F.is_valid_utf8(value), value).otherwise(F.make_valid_utf8(value))
 
 
-def _raw_tokens(feature_list: Column) -> Column:
-    """The ``\\x01``-separated features of a list; an empty list gives an empty array."""
-    return F.when(feature_list == "", F.array().cast("array<string>")).otherwise(
-        F.split(feature_list, FEATURE_SEP, -1))
+def _raw_list(feature_list: Column) -> list[Column]:
+    """A feature list's columns ``_tokens`` (its ``\\x01``-separated features), ``_names`` (the
+    field name of every token, aligned with ``_tokens``), ``_nfeat`` (the number of features, 0
+    for an empty list) and ``_feat_bad`` (a token does not match :data:`RAW_FEATURE_RE`).
 
-
-def _raw_names(feature_list: Column) -> Column:
-    """The field name of every feature of a list, in list order (aligned with :func:`_raw_tokens`).
-
-    One regex replace over the line (drop each ``\\x02feature_id\\x03value``) and a split:
-    several times cheaper than a lambda per token (higher-order functions are not compiled by
-    whole-stage codegen).
+    One regex pass over the list: removing every :data:`ID_VALUE_RE` match (``\\x02id\\x03value``
+    ending its token) leaves the field names. The list is well formed when it holds exactly one
+    ``\\x02`` per token, no ``\\x02`` or ``\\x03`` is left and no name is empty: then every
+    ``\\x02`` began a match, a match cannot cross a token and ends one, so each token is
+    ``name`` + one match, which is :data:`RAW_FEATURE_RE` (``test_aliccp_raw`` checks the two
+    against each other). Each array is one split, not a split inside ``when(list == '')``:
+    Spark's common-subexpression elimination does not reach into a conditional branch, and the
+    regex would run twice. An empty list thus gives ``['']``, which matches no field name.
+    A per-token regex (a higher-order function) is several times slower, and a whole-list
+    pattern ``^T(\\x01T)*$`` overflows Java's regex stack on a real Ali-CCP common line (about
+    870 features per user): the JVM dies.
     """
-    return _raw_tokens(F.regexp_replace(feature_list, f"{ID_SEP}[^{FEATURE_SEP}]*", ""))
+    tokens = F.split(feature_list, FEATURE_SEP, -1)
+    left = F.regexp_replace(feature_list, ID_VALUE_RE, "")
+    names = F.split(left, FEATURE_SEP, -1)
+    empty = feature_list == ""
+    one_id_each = F.size(F.split(feature_list, ID_SEP, -1)) - 1 == F.size(tokens)
+    clean = (F.instr(left, ID_SEP) == 0) & (F.instr(left, VALUE_SEP) == 0) & ~F.array_contains(names, "")
+    return [tokens.alias("_tokens"), names.alias("_names"),
+            (F.size(tokens) - empty.cast("int")).alias("_nfeat"),
+            (~empty & ~(one_id_each & clean)).alias("_feat_bad")]
 
 
 def _raw_fid(token: Column) -> Column:
@@ -147,21 +161,6 @@ def raw_field_columns(tokens: str, names: str, fields: Sequence[FieldInfo], pref
             pos = (F.array_position(F.col(names), F.lit(info.name)) - 1).cast("int")
             cols.append(_raw_fid(F.get(F.col(tokens), pos)).alias(prefix + info.name))
     return cols
-
-
-def _raw_well_formed(feature_list: Column) -> Column:
-    """How many features of a list match :data:`RAW_FEATURE_RE` (0 for an empty list); the list
-    is well formed when that equals its number of features (``size`` of :func:`_raw_tokens`,
-    compared by the callers on their ``_tokens`` column, so the list is split once).
-
-    One regex scan of the line instead of one per token, each match bounded by the list's
-    start/end or a separator. Not a single pattern over the whole list (``^T(\x01T)*$``):
-    Java's regex engine recurses once per repetition of such a group and overflows the stack on
-    a real Ali-CCP common line (about 870 features per user), which kills the JVM.
-    """
-    token = RAW_FEATURE_RE[1:-1]
-    bounded = f"(?<=\\A|{FEATURE_SEP})(?:{token})(?={FEATURE_SEP}|\\z)"
-    return F.regexp_count(feature_list, F.lit(bounded))
 
 
 def _malformed(tokens: Column, pattern: str) -> Column:
@@ -195,11 +194,8 @@ def read_common(spark: SparkSession, path: str, fields: Sequence[FieldInfo]) -> 
     parts = F.col("_parts")
     tokens = barrier(_split_lines(spark, path).select(
         F.get(parts, 0).alias("_key"), F.size(parts).alias("_ncols"), "_utf8_bad",
-        F.get(parts, 1).try_cast("int").alias("_count"),
-        _raw_well_formed(F.get(parts, 2)).alias("_well_formed"),
-        _raw_tokens(F.get(parts, 2)).alias("_tokens"), _raw_names(F.get(parts, 2)).alias("_names")))
-    n = F.size("_tokens")
-    bad = (F.col("_ncols") != 3) | (F.col("_count") != n) | (F.col("_well_formed") != n) | F.col("_utf8_bad")
+        F.get(parts, 1).try_cast("int").alias("_count"), *_raw_list(F.get(parts, 2))))
+    bad = (F.col("_ncols") != 3) | (F.col("_count") != F.col("_nfeat")) | F.col("_feat_bad") | F.col("_utf8_bad")
     parsed = tokens.select("_key", F.coalesce(bad, F.lit(True)).cast("int").alias("_bad"),
                            *raw_field_columns("_tokens", "_names", fields, "_c_"))
     return parsed.groupBy("_key").agg(
@@ -217,12 +213,10 @@ def read_skeleton(spark: SparkSession, path: str, common: DataFrame,
         raw_sample_id(F.get(parts, 0)).alias("_raw_id"),
         F.get(parts, 1).alias("click"), F.get(parts, 2).alias("conversion"),
         F.get(parts, 3).alias("_key"), F.get(parts, 4).try_cast("int").alias("_count"),
-        _raw_well_formed(F.get(parts, 5)).alias("_well_formed"),
-        _raw_tokens(F.get(parts, 5)).alias("_tokens"), _raw_names(F.get(parts, 5)).alias("_names")))
+        *_raw_list(F.get(parts, 5))))
     base = tokens.select(
         "_source_file", "_line", "_ncols", "_raw_id", "click", "conversion", "_key", "_utf8_bad",
-        (F.col("_count") != F.size("_tokens")).alias("_count_bad"),
-        (F.col("_well_formed") != F.size("_tokens")).alias("_feat_bad"),
+        (F.col("_count") != F.col("_nfeat")).alias("_count_bad"), "_feat_bad",
         *raw_field_columns("_tokens", "_names", fields, "_s_"))
     joined = base.join(F.broadcast(common) if broadcast_common else common, on="_key", how="left")
     bad_label, no_click = label_checks(F.col("click"), F.col("conversion"))

@@ -142,13 +142,15 @@ def table_version(spark, path: str | Path, fmt: str = "delta") -> Optional[int]:
 
 def write_table(
     df, path: str | Path, fmt: str = "delta", num_files: Optional[int] = None,
-    partition_by: Optional[list[str]] = None,
+    partition_by: Optional[list[str]] = None, delta_properties: Optional[dict[str, str]] = None,
 ) -> int:
     """Write ``df`` as a new version of the table at ``path``; return that version.
 
     Args:
         num_files: repartition to this many (evenly sized, round-robin) files first.
         partition_by: Hive-style partition columns.
+        delta_properties: Delta table properties (``delta.*``) set by this write; ignored for
+            Parquet.
     """
     _check_format(fmt)
     spark = df.sparkSession
@@ -157,6 +159,8 @@ def write_table(
     path = str(path)
     if fmt == "delta":
         writer = df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
+        for key, value in (delta_properties or {}).items():
+            writer = writer.option(key, value)
         if partition_by:
             writer = writer.partitionBy(*partition_by)
         writer.save(path)

@@ -286,7 +286,13 @@ def test_delta_versions_schema_and_even_files(spark, delta_out):
     assert {k: types[k] for k in ("sample_id", "101", "150_14", "D1", "click", "ctcvr", "user_key", "split")} == {
         "sample_id": "bigint", "101": "int", "150_14": "array<int>", "D1": "float", "click": "int",
         "ctcvr": "int", "user_key": "bigint", "split": "string"}
-    assert DeltaTable(str(out / "features")).metadata().partition_columns == ["split"]
+    features = DeltaTable(str(out / "features"))
+    assert features.metadata().partition_columns == ["split"]
+    # row counts per file, but no min/max statistics (the files are random row groups)
+    assert features.metadata().configuration == {"delta.dataSkippingNumIndexedCols": "0"}
+    adds = features.get_add_actions(flatten=True)
+    assert sum(adds.column("num_records").to_pylist()) == sum(manifest["rows"].values())
+    assert not [c for c in adds.schema.names if c.startswith(("min.", "max."))], adds.schema.names
     for split, n in manifest["rows"].items():
         files, version = split_files(out, split, manifest)  # what the trainer reads
         assert version == 1 and len(files) == math.ceil(n / 100), split

@@ -435,7 +435,12 @@ def publish_tables(cfg: FeaturesConfig, table: DataFrame, vocab: DataFrame, reje
     out = cfg.output  # text, not Path: keeps the // of s3://, hdfs://, file:// outputs
     files = (lambda n: max(1, math.ceil(n / cfg.rows_per_file)))
     laid = even_files(table.drop(INPUT_SPLIT), "split", rows_per_split, cfg.rows_per_file, "sample_id", cfg.seed)
-    versions = {"features": write_table(laid, join(out, "features"), cfg.format, partition_by=["split"])}
+    # No per-file min/max statistics on the features table (numRecords stays): its files are
+    # random groups of rows, so every file spans every column's range and no query could skip
+    # one, and collecting them cost about a fifth of the write (4M rows x 25 columns: 7.7 s
+    # against 6.2 s on the 2-core VM, a one-off measurement).
+    versions = {"features": write_table(laid, join(out, "features"), cfg.format, partition_by=["split"],
+                                        delta_properties={"delta.dataSkippingNumIndexedCols": "0"})}
     versions["vocab"] = write_table(vocab, join(out, "vocab"), cfg.format, num_files=files(vocab_rows))
     rej = rejects.select(F.col("source_file").cast("string"), F.col("line").cast("string"),
                          F.col("reason").cast("string"), F.col(INPUT_SPLIT).cast("string"))

@@ -136,3 +136,20 @@ def test_feature_list_checks_agree_with_the_token_grammar(spark):
         if not bad and tokens:
             assert row["_tokens"] == tokens and row["_names"] == [t.split(ID)[0] for t in tokens], repr(text)
     assert 0 < bad_seen < len(cases)  # both kinds are exercised
+
+
+def test_raw_reader_does_not_depend_on_sql_escape_setting(spark, tmp_path):
+    """The reader's SQL text holds the separators as characters: a session with
+    ``spark.sql.parser.escapedStringLiterals=true`` (which keeps ``\\u0002`` as six characters)
+    reads the same field values."""
+    common = [line("k1", "1", feature("101", "u1"))]
+    skeleton = [line("1", "1", "0", "k1", "2", SEP.join([feature("205", "i1"), feature("301", "c1")]))]
+    folder = write_raw(tmp_path / "raw", skeleton, common)
+    key = "spark.sql.parser.escapedStringLiterals"
+    before = spark.conf.get(key)
+    spark.conf.set(key, "true")
+    try:
+        row = read_source(spark, "aliccp-raw", folder).train.first()
+    finally:
+        spark.conf.set(key, before)
+    assert (row["101"], row["205"], row["301"]) == ("u1", "i1", "c1")

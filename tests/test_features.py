@@ -103,12 +103,19 @@ def test_vocab_matches_counter_and_encoding_is_index_zero_for_rare_unseen_missin
     assert sizes == {k: len(v) + 1 for k, v in ref.items()}
     assert any(c < min_count for c in Counter(r[3] for r in make_rows(400, 1, 0, 30)).values())  # filter bites
 
-    enc = encode(canonical_frame(src), vocab, FIELDS, sizes)
+    single = sorted(sizes[f.name] for f in FIELDS if not f.multi)
+    # every single-valued field broadcast (one shared relation), none (a join per field), a mix
+    for limit in (1_000_000, 0, single[len(single) // 2]):
+        check_encoding(encode(canonical_frame(src), vocab, FIELDS, sizes, limit), ref)
+    vocab.unpersist()
+
+
+def check_encoding(enc, ref):
+    """The encoded rows of `make_source` against the Python vocabulary `ref`."""
     types = dict(enc.dtypes)
     assert types["101"] == "int" and types["150_14"] == "array<int>"
     raw = {r[0]: r for r in make_rows(400, 1, 0, 30) + make_rows(150, 2, 100_000, 60)}
     encoded = enc.collect()
-    vocab.unpersist()
     assert len(encoded) == len(raw)
     for row in encoded:
         r = raw[row["sample_id"]]
@@ -122,6 +129,18 @@ def test_vocab_matches_counter_and_encoding_is_index_zero_for_rare_unseen_missin
     assert unseen and all(row["205"] == 0 for row in unseen)
     missing = [row for row in encoded if raw[row["sample_id"]][5] is None]
     assert missing and all(row["301"] == 0 for row in missing)
+
+
+@pytest.mark.parametrize("broadcast", [["f1", "f2"], [], ["f1"]])
+def test_encoding_keeps_fields_apart_when_they_share_raw_ids(spark, broadcast):
+    """The same raw id in two fields has each field's own index, whether the fields share one
+    broadcast relation (keyed by field and id), join their own vocabulary, or a mix."""
+    vocab = spark.createDataFrame([("f1", "x", 1, 9), ("f2", "x", 2, 9), ("f2", "y", 1, 9)],
+                                  "field string, raw_id string, index int, count long")
+    df = spark.createDataFrame([(1, "x", "x"), (2, "y", "y"), (3, None, "z")], "sample_id long, f1 string, f2 string")
+    out = fm._encode_singles(df, vocab, ["f1", "f2"], broadcast)
+    assert out.columns == ["sample_id", "f1", "f2"]
+    assert sorted(tuple(r) for r in out.collect()) == [(1, 1, 2), (2, 0, 1), (3, 0, 0)]
 
 
 def test_labels(spark):

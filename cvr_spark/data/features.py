@@ -213,35 +213,23 @@ def _id_hash(raw_id: Column) -> Column:
 
 def _encode_singles(df: DataFrame, vocab: DataFrame, names: list[str], broadcast: list[str]) -> DataFrame:
     """All single-valued fields by one left join each; ``broadcast`` names the fields whose
-    vocabulary is broadcast.
-
-    The broadcast fields share one broadcast relation: their vocabularies together, keyed by
-    ``xxhash64(field, raw_id)`` (a long key; field and raw id are checked on a match, so a
-    hash collision cannot mis-map an id). Every join's right side is the same plan, so Spark
-    broadcasts it once (exchange reuse) instead of once per field. After each join the field's
-    raw column is replaced by its index and the vocabulary columns are dropped, which keeps
-    the next join's column names unambiguous. The other fields join their own vocabulary on
-    ``xxhash64(raw_id)`` (Spark picks the join).
+    vocabulary is hinted BROADCAST.
 
     DataFrame joins, not one SQL statement over ``df``: ``spark.sql`` re-analyses its frame
     arguments, and the re-analysed plan no longer matches a persisted ``df`` (the canonical
     frame), so the whole input would be re-read and re-parsed for the encoding.
     """
-    shared = F.broadcast(vocab.where(F.col("field").isin(broadcast)).select(
-        F.xxhash64("field", "raw_id").alias("_vh"), F.col("field").alias("_vf"),
-        F.col("raw_id").alias("_vr"), F.col("index").alias("_vi")))
-    for n in names:
+    columns, index = df.columns, {}
+    for i, n in enumerate(names):
+        v = vocab.where(F.col("field") == n).select(_id_hash(F.col("raw_id")).alias(f"_vh{i}"),
+                                                     F.col("raw_id").alias(f"_vr{i}"),
+                                                     F.col("index").alias(f"_vi{i}"))
         raw = F.col(_quote(n)).cast("string")
-        same = raw == F.col("_vr")
-        if n in broadcast:
-            v, key, same = shared, F.when(raw.isNotNull(), F.xxhash64(F.lit(n), raw)), same & (F.col("_vf") == n)
-        else:
-            v, key = vocab.where(F.col("field") == n).select(
-                _id_hash(F.col("raw_id")).alias("_vh"), F.col("raw_id").alias("_vr"), F.col("index").alias("_vi")), _id_hash(raw)
-        joined = df.join(v, (key == F.col("_vh")) & F.coalesce(same, F.lit(False)), "left")
-        df = joined.select(*[F.coalesce(F.col("_vi"), F.lit(0)).cast("int").alias(n) if c == n else F.col(_quote(c))
-                             for c in df.columns])
-    return df
+        same = F.coalesce(raw == F.col(f"_vr{i}"), F.lit(False))
+        df = df.join(F.broadcast(v) if n in broadcast else v,
+                     (_id_hash(raw) == F.col(f"_vh{i}")) & same, "left")
+        index[n] = F.coalesce(F.col(f"_vi{i}"), F.lit(0)).cast("int").alias(n)
+    return df.select(*[index.get(c, F.col(_quote(c))) for c in columns])
 
 
 def _encode_multi(df: DataFrame, vocab: DataFrame, names: list[str], broadcast: bool) -> DataFrame:
@@ -555,7 +543,7 @@ def _feature_table(cfg: FeaturesConfig, data: SourceLike, held: list[DataFrame])
         canonical = _persist(canonical, held, cfg.truncate_lineage)
     check_fields(canonical, data.fields)
     train_in = canonical.where(F.col(INPUT_SPLIT) == "train")
-    vocab = _persist(build_vocab(train_in, data.fields, cfg.min_count), held, cfg.truncate_lineage)
+    vocab = _persist(build_vocab(train_in, data.fields, cfg.min_count), held)
     sizes = vocab_sizes(vocab, data.fields)  # materialises the vocab
     frac = 0.0 if data.valid is not None else cfg.valid_fraction
     threshold = None

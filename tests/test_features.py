@@ -104,7 +104,7 @@ def test_vocab_matches_counter_and_encoding_is_index_zero_for_rare_unseen_missin
     assert any(c < min_count for c in Counter(r[3] for r in make_rows(400, 1, 0, 30)).values())  # filter bites
 
     single = sorted(sizes[f.name] for f in FIELDS if not f.multi)
-    # every single-valued field broadcast (one shared relation), none (a join per field), a mix
+    # every single-valued field's vocabulary broadcast, none (Spark picks the joins), a mix
     for limit in (1_000_000, 0, single[len(single) // 2]):
         check_encoding(encode(canonical_frame(src), vocab, FIELDS, sizes, limit), ref)
     vocab.unpersist()
@@ -133,8 +133,8 @@ def check_encoding(enc, ref):
 
 @pytest.mark.parametrize("broadcast", [["f1", "f2"], [], ["f1"]])
 def test_encoding_keeps_fields_apart_when_they_share_raw_ids(spark, broadcast):
-    """The same raw id in two fields has each field's own index, whether the fields share one
-    broadcast relation (keyed by field and id), join their own vocabulary, or a mix."""
+    """The same raw id in two fields has each field's own index, whether the fields' vocabularies
+    are broadcast, joined as Spark picks, or a mix."""
     vocab = spark.createDataFrame([("f1", "x", 1, 9), ("f2", "x", 2, 9), ("f2", "y", 1, 9)],
                                   "field string, raw_id string, index int, count long")
     df = spark.createDataFrame([(1, "x", "x"), (2, "y", "y"), (3, None, "z")], "sample_id long, f1 string, f2 string")

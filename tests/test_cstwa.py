@@ -13,7 +13,7 @@ from cvr_spark import losses as losses_cstwa
 from cvr_spark.models import registry
 from cvr_spark.models.base import FeatureSpec
 from cvr_spark.models.cstwa import CSTWA
-from cvr_spark.models.cstwa_graph import StructureGraph, graph_fields, normalize_adjacency
+from cvr_spark.models.cstwa_graph import StructureGraph, gather_rows, graph_fields, normalize_adjacency
 from tests.model_testing import bfloat16_loss, params_outside_graph
 
 N_USERS, N_ITEMS, CLUSTERS = 21, 17, 4  # graph nodes 0..N-1 (0 = OOV, self-only); vocab is larger
@@ -206,6 +206,16 @@ def test_option_a_matches_formula_and_reaches_ecvr_through_both_terms() -> None:
     grad = emb.grad
     assert grad[offs[1] + 3].abs().sum() > 0  # self term: the row's own profile 3 (not in any node row)
     assert grad[offs[0] + neighbour].abs().sum() > 0  # propagation term: a neighbour's id row
+
+
+def test_gather_rows_is_advanced_indexing() -> None:
+    """The graph gathers' ``index_select`` helper gives ``table[index]`` for any index shape."""
+    g = torch.Generator().manual_seed(0)
+    for table in (torch.randn(50, generator=g), torch.randn(50, 3, generator=g), torch.randint(0, 9, (50, 4, 2), generator=g)):
+        for shape in ((7,), (4, 8), (2, 3, 5), (0,)):
+            index = torch.randint(0, 50, shape, generator=g)
+            got = gather_rows(table, index)
+            assert got.shape == table[index].shape and torch.equal(got, table[index])
 
 
 def test_option_a_two_layers_and_missing_nodes() -> None:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from cvr_spark import losses
 from cvr_spark.models.base import MLP, Batch, CVRModel, EmbeddingArch, FeatureSpec, ModelConfig, head
-from cvr_spark.models.cstwa_graph import NeighbourTable, StructureGraph, graph_fields
+from cvr_spark.models.cstwa_graph import NeighbourTable, StructureGraph, gather_rows, graph_fields
 from cvr_spark.models.esmm import check_tower_config
 from cvr_spark.models.registry import register
 
@@ -248,11 +248,13 @@ class CSTWA(CVRModel):
         in_graph = nodes < table.num_nodes  # [B]
         safe = torch.where(in_graph, nodes, torch.zeros_like(nodes))
         if self.cfg.sm_mode == "B":
-            moved = self.node_tables[group][safe].view_as(u)  # [B, M, D]
+            moved = gather_rows(self.node_tables[group], safe).view_as(u)  # [B, M, D]
         else:
             idx, weight = table.paths(safe, self.cfg.sm_layers)  # [B, P] each
-            neighbours = self._embed_nodes(group, table.node_fields[idx])  # [B, P, M, D]
-            spread = torch.bmm(weight.to(u.dtype).unsqueeze(1), neighbours.flatten(2)).view_as(u)  # [B, M, D]
+            neighbours = self._embed_nodes(group, gather_rows(table.node_fields, idx))  # [B, P, M, D]
+            # Σ_p weight[b, p] neighbours[b, p]: a broadcast product and a sum over P, not a bmm
+            # of B [1, P] x [P, M*D] products (on CPU 3-4x slower, its backward above all)
+            spread = (weight.to(u.dtype).unsqueeze(-1) * neighbours.flatten(2)).sum(1).view_as(u)  # [B, M, D]
             moved = (1.0 - self.cfg.sm_alpha) * u + self.cfg.sm_alpha * spread
         return torch.where(in_graph.view(-1, 1, 1), moved, u)
 

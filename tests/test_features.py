@@ -13,6 +13,7 @@ from typing import Optional
 
 import pyarrow.parquet as pq
 import pytest
+from pyspark.sql import functions as F
 
 from cvr_spark.data import features as fm
 from cvr_spark.data.features import (
@@ -430,6 +431,22 @@ def test_reject_bound_on_aitm_sample(spark, shared_fixtures, tmp_path):
                                                r"max_reject_fraction=0.01.*'conversion_without_click': 5"):
         fm.run_features(spark, cfg)
     assert not (tmp_path / "manifest.json").exists() and not (tmp_path / "features").exists()
+
+
+def test_split_column_on_a_field_compares_raw_values_not_indices(spark, tmp_path):
+    """``split_column`` naming a numeric field: the cut is the quantile of the field's raw
+    values, and the rows are compared by their raw value, not by the vocabulary index the
+    field is encoded to (index 1 is the most frequent id, whatever its value)."""
+    src = make_source(spark, rejects=0)
+    src.train = src.train.withColumn("101", F.col("101").cast("int"))
+    src.test = src.test.withColumn("101", F.col("101").cast("int"))
+    manifest = build_features(_cfg(tmp_path, min_count=2, valid_fraction=0.3, split_column="101"), src)
+    cut = manifest["split"]["threshold"]
+    rows = make_rows(400, 1, 0, 30)
+    want = {r[0] for r in rows if int(r[3]) >= cut}
+    assert 0 < len(want) < len(rows)
+    feats = read_table(spark, tmp_path / "features", "delta").where("split = 'valid'").collect()
+    assert {r.sample_id for r in feats} == want
 
 
 def test_split_by_input_file_takes_the_last_files_in_name_order(spark, tmp_path):

@@ -124,7 +124,7 @@ def test_feature_list_checks_agree_with_the_token_grammar(spark):
                       for _ in range(rng.randint(1, 4))) for _ in range(200)]
     cases = list(dict.fromkeys(picked + fuzz))
     got = spark.createDataFrame([(i, s) for i, s in enumerate(cases)], "i int, l string") \
-        .select("i", *_raw_list(F.col("l"))).collect()
+        .select("i", *_raw_list(F.col("l"), tokens=True)).collect()
     got = {r["i"]: r for r in got}
     bad_seen = 0
     for i, text in enumerate(cases):
@@ -135,6 +135,7 @@ def test_feature_list_checks_agree_with_the_token_grammar(spark):
         assert (row["_feat_bad"], row["_nfeat"]) == (bad, len(tokens)), repr(text)
         if not bad and tokens:
             assert row["_tokens"] == tokens and row["_names"] == [t.split(ID)[0] for t in tokens], repr(text)
+            assert row["_parts"] == text.split(ID), repr(text)
     assert 0 < bad_seen < len(cases)  # both kinds are exercised
 
 

@@ -117,56 +117,67 @@ def readable_line(value: Column) -> Column:
     return F.when(F.is_valid_utf8(value), value).otherwise(F.make_valid_utf8(value))
 
 
-def _raw_list(feature_list: Column) -> list[Column]:
-    """A feature list's columns ``_tokens`` (its ``\\x01``-separated features), ``_names`` (the
-    field name of every token, aligned with ``_tokens``), ``_nfeat`` (the number of features, 0
-    for an empty list) and ``_feat_bad`` (a token does not match :data:`RAW_FEATURE_RE`).
+def _raw_list(feature_list: Column, tokens: bool = False) -> list[Column]:
+    """A feature list's columns ``_parts`` (the list split at every ``\x02``), ``_names`` (the
+    field name of every token, in list order), ``_nfeat`` (the number of features, 0 for an
+    empty list), ``_feat_bad`` (a token does not match :data:`RAW_FEATURE_RE`) and, with
+    ``tokens``, ``_tokens`` (its ``\x01``-separated features: multi-valued fields need them).
 
-    One regex pass over the list: removing every :data:`ID_VALUE_RE` match (``\\x02id\\x03value``
+    One regex pass over the list: removing every :data:`ID_VALUE_RE` match (``\x02id\x03value``
     ending its token) leaves the field names. The list is well formed when it holds exactly one
-    ``\\x02`` per token, no ``\\x02`` or ``\\x03`` is left and no name is empty: then every
-    ``\\x02`` began a match, a match cannot cross a token and ends one, so each token is
+    ``\x02`` per token, no ``\x02`` or ``\x03`` is left and no name is empty: then every
+    ``\x02`` began a match, a match cannot cross a token and ends one, so each token is
     ``name`` + one match, which is :data:`RAW_FEATURE_RE` (``test_aliccp_raw`` checks the two
-    against each other). Each array is one split, not a split inside ``when(list == '')``:
-    Spark's common-subexpression elimination does not reach into a conditional branch, and the
-    regex would run twice. An empty list thus gives ``['']``, which matches no field name.
-    A per-token regex (a higher-order function) is several times slower, and a whole-list
-    pattern ``^T(\\x01T)*$`` overflows Java's regex stack on a real Ali-CCP common line (about
-    870 features per user): the JVM dies.
+    against each other). A match holds no ``\x01``, so the names are as many as the tokens. In
+    a well-formed list, part ``j`` (``j >= 1``) of ``_parts`` begins with the id of token
+    ``j - 1`` and its ``\x03`` (:func:`raw_field_columns`); the one split serves the count of
+    ``\x02`` and the ids, where splitting the tokens too cost 1.4-3 s more per 2.5M lines
+    (three interleaved rounds: 7.4-9.6 s against 9.0-12.6 s). Each array is one split, not a
+    split inside ``when(list == '')``: Spark's common-subexpression elimination does not reach
+    into a conditional branch, and the regex would run twice. An empty list thus gives
+    ``['']``, which matches no field name. A per-token regex (a higher-order function) is
+    several times slower, and a whole-list pattern ``^T(\x01T)*$`` overflows Java's regex
+    stack on a real Ali-CCP common line (about 870 features per user): the JVM dies.
     """
-    tokens = F.split(feature_list, FEATURE_SEP, -1)
+    parts = F.split(feature_list, ID_SEP, -1)
     left = F.regexp_replace(feature_list, ID_VALUE_RE, "")
     names = F.split(left, FEATURE_SEP, -1)
     empty = feature_list == ""
-    one_id_each = F.size(F.split(feature_list, ID_SEP, -1)) - 1 == F.size(tokens)
+    one_id_each = F.size(parts) == F.size(names) + 1
     clean = (F.instr(left, ID_SEP) == 0) & (F.instr(left, VALUE_SEP) == 0) & ~F.array_contains(names, "")
-    return [tokens.alias("_tokens"), names.alias("_names"),
-            (F.size(tokens) - empty.cast("int")).alias("_nfeat"),
-            (~empty & ~(one_id_each & clean)).alias("_feat_bad")]
+    out = [parts.alias("_parts"), names.alias("_names"),
+           (F.size(names) - empty.cast("int")).alias("_nfeat"),
+           (~empty & ~(one_id_each & clean)).alias("_feat_bad")]
+    return out + ([F.split(feature_list, FEATURE_SEP, -1).alias("_tokens")] if tokens else [])
 
 
-def raw_field_columns(tokens: str, names: str, fields: Sequence[FieldInfo], prefix: str = "") -> list[Column]:
-    """One column per field from a list's tokens and their field names (columns ``tokens``, ``names``).
+def raw_field_columns(fields: Sequence[FieldInfo], prefix: str = "") -> list[Column]:
+    """One column per field from a list's :func:`_raw_list` columns (``_parts``, ``_names`` and,
+    for multi-valued fields, ``_tokens``); the values are those of a well-formed list.
 
     A single-valued field is looked up with ``array_position`` (compiled, first occurrence,
-    null when absent); a multi-valued field keeps every occurrence in list order (a filter
+    null when absent: position 0 becomes a null index): token ``j``'s id is part ``j + 1`` up
+    to its ``\x03``. A multi-valued field keeps every occurrence in list order (a filter
     lambda, used only for the multi-valued fields; empty array when absent). Written as SQL
     text, one call per field: built with the Python column functions they were a quarter of
     the raw reader's 15k JVM round trips while its plan is built. The separators stand in the
-    SQL string literals as the characters themselves, not as ``\\u0002`` escapes, which
+    SQL string literals as the characters themselves, not as ``\u0002`` escapes, which
     ``spark.sql.parser.escapedStringLiterals=true`` would leave as six characters.
     """
-    fid = f"substring_index(substring_index({{}}, '{ID_SEP}', -1), '{VALUE_SEP}', 1)"
     cols = []
     for info in fields:
         name = _field_name(info)
         if info.multi:
-            hits = f"filter(`{tokens}`, t -> substring_index(t, '{ID_SEP}', 1) = '{name}')"
-            sql = f"transform({hits}, t -> {fid.format('t')})"
+            fid = f"substring_index(substring_index(t, '{ID_SEP}', -1), '{VALUE_SEP}', 1)"
+            sql = f"transform(filter(`_tokens`, t -> substring_index(t, '{ID_SEP}', 1) = '{name}'), t -> {fid})"
         else:
-            sql = fid.format(f"get(`{tokens}`, CAST(array_position(`{names}`, '{name}') - 1 AS INT))")
+            sql = f"substring_index(get(`_parts`, nullif(array_position(`_names`, '{name}'), 0)), '{VALUE_SEP}', 1)"
         cols.append(F.expr(sql).alias(prefix + name))
     return cols
+
+
+def _any_multi(fields: Sequence[FieldInfo]) -> bool:
+    return any(f.multi for f in fields)
 
 
 def _malformed(tokens: Column, pattern: str) -> Column:
@@ -200,10 +211,10 @@ def read_common(spark: SparkSession, path: str, fields: Sequence[FieldInfo]) -> 
     parts = F.col("_parts")
     tokens = barrier(_split_lines(spark, path).select(
         F.get(parts, 0).alias("_key"), F.size(parts).alias("_ncols"), "_utf8_bad",
-        F.get(parts, 1).try_cast("int").alias("_count"), *_raw_list(F.get(parts, 2))))
+        F.get(parts, 1).try_cast("int").alias("_count"), *_raw_list(F.get(parts, 2), _any_multi(fields))))
     bad = (F.col("_ncols") != 3) | (F.col("_count") != F.col("_nfeat")) | F.col("_feat_bad") | F.col("_utf8_bad")
     parsed = tokens.select("_key", F.coalesce(bad, F.lit(True)).cast("int").alias("_bad"),
-                           *raw_field_columns("_tokens", "_names", fields, "_c_"))
+                           *raw_field_columns(fields, "_c_"))
     return parsed.groupBy("_key").agg(
         F.count(F.lit(1)).alias("_n"), F.max("_bad").alias("_bad"),
         *[F.first("_c_" + f.name).alias("_c_" + f.name) for f in fields])
@@ -219,11 +230,11 @@ def read_skeleton(spark: SparkSession, path: str, common: DataFrame,
         raw_sample_id(F.get(parts, 0)).alias("_raw_id"),
         F.get(parts, 1).alias("click"), F.get(parts, 2).alias("conversion"),
         F.get(parts, 3).alias("_key"), F.get(parts, 4).try_cast("int").alias("_count"),
-        *_raw_list(F.get(parts, 5))))
+        *_raw_list(F.get(parts, 5), _any_multi(fields))))
     base = tokens.select(
         "_source_file", "_line", "_ncols", "_raw_id", "click", "conversion", "_key", "_utf8_bad",
         (F.col("_count") != F.col("_nfeat")).alias("_count_bad"), "_feat_bad",
-        *raw_field_columns("_tokens", "_names", fields, "_s_"))
+        *raw_field_columns(fields, "_s_"))
     joined = base.join(F.broadcast(common) if broadcast_common else common, on="_key", how="left")
     bad_label, no_click = label_checks(F.col("click"), F.col("conversion"))
     reason = first_reason([

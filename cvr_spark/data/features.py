@@ -525,12 +525,14 @@ def _release(df: DataFrame) -> None:
 def _store_parsed(cfg: FeaturesConfig, data: SourceLike, held: list[DataFrame]) -> SourceLike:
     """The source with its parsed lines stored once (:func:`_persist`) and every frame derived
     from the stored rows: the input is parsed once for the rejects, the canonical frames and
-    the counts. A line's raw text is kept only where the row is rejected (the rejects table
-    needs it; the accepted rows do not), which spares storing the input's text a second time."""
+    the counts. A line's raw text and its file's path are kept only where the row is rejected
+    (the rejects table needs them; the accepted rows do not, their file is ``_file_index``),
+    which spares storing the input's text a second time and a path per row."""
     parsed = getattr(data, "parsed", None)
     if parsed is None:
         return data
-    slim = parsed.withColumn("_line", F.when(F.col("_reason").isNotNull(), F.col("_line")))
+    rejected = F.col("_reason").isNotNull()
+    slim = parsed.withColumns({c: F.when(rejected, F.col(c)) for c in ("_line", "_source_file")})
     return data.with_parsed(_persist(slim, held, cfg.truncate_lineage))
 
 

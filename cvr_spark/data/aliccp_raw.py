@@ -118,25 +118,25 @@ def readable_line(value: Column) -> Column:
 
 
 def _raw_list(feature_list: Column, tokens: bool = False) -> list[Column]:
-    """A feature list's columns ``_parts`` (the list split at every ``\x02``), ``_names`` (the
+    """A feature list's columns ``_parts`` (the list split at every ``\\x02``), ``_names`` (the
     field name of every token, in list order), ``_nfeat`` (the number of features, 0 for an
     empty list), ``_feat_bad`` (a token does not match :data:`RAW_FEATURE_RE`) and, with
-    ``tokens``, ``_tokens`` (its ``\x01``-separated features: multi-valued fields need them).
+    ``tokens``, ``_tokens`` (its ``\\x01``-separated features: multi-valued fields need them).
 
-    One regex pass over the list: removing every :data:`ID_VALUE_RE` match (``\x02id\x03value``
+    One regex pass over the list: removing every :data:`ID_VALUE_RE` match (``\\x02id\\x03value``
     ending its token) leaves the field names. The list is well formed when it holds exactly one
-    ``\x02`` per token, no ``\x02`` or ``\x03`` is left and no name is empty: then every
-    ``\x02`` began a match, a match cannot cross a token and ends one, so each token is
+    ``\\x02`` per token, no ``\\x02`` or ``\\x03`` is left and no name is empty: then every
+    ``\\x02`` began a match, a match cannot cross a token and ends one, so each token is
     ``name`` + one match, which is :data:`RAW_FEATURE_RE` (``test_aliccp_raw`` checks the two
-    against each other). A match holds no ``\x01``, so the names are as many as the tokens. In
+    against each other). A match holds no ``\\x01``, so the names are as many as the tokens. In
     a well-formed list, part ``j`` (``j >= 1``) of ``_parts`` begins with the id of token
-    ``j - 1`` and its ``\x03`` (:func:`raw_field_columns`); the one split serves the count of
-    ``\x02`` and the ids, where splitting the tokens too cost 1.4-3 s more per 2.5M lines
+    ``j - 1`` and its ``\\x03`` (:func:`raw_field_columns`); the one split serves the count of
+    ``\\x02`` and the ids, where splitting the tokens too cost 1.4-3 s more per 2.5M lines
     (three interleaved rounds: 7.4-9.6 s against 9.0-12.6 s). Each array is one split, not a
     split inside ``when(list == '')``: Spark's common-subexpression elimination does not reach
     into a conditional branch, and the regex would run twice. An empty list thus gives
     ``['']``, which matches no field name. A per-token regex (a higher-order function) is
-    several times slower, and a whole-list pattern ``^T(\x01T)*$`` overflows Java's regex
+    several times slower, and a whole-list pattern ``^T(\\x01T)*$`` overflows Java's regex
     stack on a real Ali-CCP common line (about 870 features per user): the JVM dies.
     """
     parts = F.split(feature_list, ID_SEP, -1)
@@ -157,11 +157,11 @@ def raw_field_columns(fields: Sequence[FieldInfo], prefix: str = "") -> list[Col
 
     A single-valued field is looked up with ``array_position`` (compiled, first occurrence,
     null when absent: position 0 becomes a null index): token ``j``'s id is part ``j + 1`` up
-    to its ``\x03``. A multi-valued field keeps every occurrence in list order (a filter
+    to its ``\\x03``. A multi-valued field keeps every occurrence in list order (a filter
     lambda, used only for the multi-valued fields; empty array when absent). Written as SQL
     text, one call per field: built with the Python column functions they were a quarter of
     the raw reader's 15k JVM round trips while its plan is built. The separators stand in the
-    SQL string literals as the characters themselves, not as ``\u0002`` escapes, which
+    SQL string literals as the characters themselves, not as ``\\u0002`` escapes, which
     ``spark.sql.parser.escapedStringLiterals=true`` would leave as six characters.
     """
     cols = []

@@ -31,13 +31,13 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import _child
 import _provenance
 
 SAMPLE_INTERVAL_S = 0.2
@@ -142,23 +142,19 @@ def run_stage_subprocess(stage: str, rows: int, work: Path, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--one-stage", stage, str(rows), "--workdir", str(work),
            "--master", args.master, "--driver-memory", args.driver_memory, "--preset", args.preset,
            "--sample-interval", str(args.sample_interval), "--runs", str(args.runs)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (Spark's log) passes through
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    if proc.returncode != 0 or not lines:
-        sys.stdout.write(proc.stdout)
-        raise RuntimeError(f"stage {stage} at {rows} rows failed (exit {proc.returncode}): {' '.join(cmd)}")
-    return json.loads(lines[-1])
+    return _child.run_json_child(cmd, f"stage {stage} at {rows} rows")
 
 
-def run_size(rows: int, work: Path, args) -> dict:
-    """Simulate, then featurise ``rows`` rows, each in its own process; the size's figures."""
+def run_size(rows: int, work: Path, args) -> tuple[dict, dict]:
+    """Simulate, then featurise ``rows`` rows, each in its own process: the size's figures, and
+    the feature process's JVM facts (heap max, Java version, default parallelism)."""
     sim = run_stage_subprocess("simulate", rows, work, args)
     feat = run_stage_subprocess("features", rows, work, args)
     shutil.rmtree(work / f"raw_{rows}", ignore_errors=True)
     t_sim, t_cold = sim["seconds"][0], feat["seconds"][0]
     t_warm = min(feat["seconds"][1:]) if len(feat["seconds"]) > 1 else None
     n_in = feat["rows_in"]
-    return {
+    figures = {
         "rows": rows,
         "simulate_s": t_sim, "simulate_rows_per_s": round(rows / t_sim),
         "features_s": t_cold, "features_rows_per_s": round(n_in / t_cold),
@@ -173,8 +169,8 @@ def run_size(rows: int, work: Path, args) -> dict:
                              "failed": sim["heap_failed"] + feat["heap_failed"]},
         "python_peak_rss_mb": {"simulate": sim["python_peak_rss_mb"], "features": feat["python_peak_rss_mb"]},
         "rows_out": feat["rows_out"], "rejects": feat["rejects"],
-        "_jvm": {k: feat[k] for k in ("jvm_heap_max_mb", "java", "spark_default_parallelism")},
     }
+    return figures, {k: feat[k] for k in ("jvm_heap_max_mb", "java", "spark_default_parallelism")}
 
 
 def main() -> None:
@@ -203,8 +199,7 @@ def main() -> None:
     results, jvm = [], {}
     try:
         for n in args.rows:
-            r = run_size(n, work, args)
-            jvm = r.pop("_jvm")
+            r, jvm = run_size(n, work, args)
             print(json.dumps(r), flush=True)
             results.append(r)
     finally:

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 import tracemalloc
@@ -93,16 +92,12 @@ def run_case(scale: float, device: str, method: str) -> dict:
 
 def run_case_subprocess(scale: float, device: str, method: str, threads: int) -> dict:
     """:func:`run_case` in a fresh interpreter; its result is the last line of its stdout."""
+    import _child
+
     env = {**os.environ, **{name: str(threads) for name in THREAD_ENV}}
     cmd = [sys.executable, os.path.abspath(__file__), "--one-case", str(scale), device, method,
            "--threads", str(threads)]
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)  # stderr passes through
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    if proc.returncode != 0 or not lines:
-        sys.stdout.write(proc.stdout)
-        raise RuntimeError(f"case scale={scale} device={device} method={method} failed "
-                           f"(exit {proc.returncode}): {' '.join(cmd)}")
-    return json.loads(lines[-1])
+    return _child.run_json_child(cmd, f"case scale={scale} device={device} method={method}", env)
 
 
 def _set_threads(threads: int) -> None:

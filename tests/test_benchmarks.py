@@ -1,5 +1,6 @@
-"""The benchmarks' shared provenance block (benchmarks/_provenance.py), and the training-epoch
-and training-step benchmarks at a tiny size (no Spark)."""
+"""The benchmarks' shared provenance block (benchmarks/_provenance.py), their child-process
+runner (benchmarks/_child.py), and the training-epoch and training-step benchmarks at a tiny
+size (no Spark)."""
 from __future__ import annotations
 
 import importlib.util
@@ -22,6 +23,7 @@ def _load(name: str):
 
 
 provenance = _load("_provenance")
+child = _load("_child")
 
 
 def _load_benchmark(name: str):
@@ -169,3 +171,18 @@ def test_linear_shapes_sees_every_linear_call_of_a_forward():
     batch = {"x": torch.randn(7, 6), "click": torch.zeros(7)}
     assert tt.linear_shapes(Wrap(), batch) == [(7, 6, 4), (7, 4, 1)]
     assert tt.gemm_ms([(7, 6, 4)], torch.float32, reps=2) > 0
+
+
+def test_run_json_child_takes_the_last_stdout_line():
+    import sys
+
+    code = "print('log line'); print(); print('{\"x\": 1}'); print()"
+    assert child.run_json_child([sys.executable, "-c", code], "case") == {"x": 1}
+
+
+@pytest.mark.parametrize("code", ["import sys; print('{}'); sys.exit(3)", "pass"])
+def test_run_json_child_fails_on_exit_code_or_no_output(code):
+    import sys
+
+    with pytest.raises(RuntimeError, match=r"^case scale=1 failed \(exit (3|0)\): "):
+        child.run_json_child([sys.executable, "-c", code], "case scale=1")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,23 @@ def under_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
+def local_java_options(cfg: SparkConfig) -> str:
+    """The local driver JVM's options: ``cfg.jvm_options``, and with ``cfg.fixed_heap`` an
+    initial heap of ``cfg.driver_memory`` (``-Xms``; Spark sets ``-Xmx`` from it).
+
+    Raises:
+        ValueError: ``driver_memory`` is not a size Spark reads (digits, then k/m/g/t with an
+        optional ``b``; digits alone are MiB).
+    """
+    if not cfg.fixed_heap:
+        return cfg.jvm_options
+    size = re.fullmatch(r"(\d+)\s*([kmgt]?)b?", cfg.driver_memory.strip().lower())
+    if size is None:
+        raise ValueError(f"spark.driver_memory '{cfg.driver_memory}' is not a memory size "
+                         "(expected e.g. 4g, 512m, 4096)")
+    return f"{cfg.jvm_options} -Xms{size.group(1)}{size.group(2) or 'm'}".strip()
+
+
 def get_spark(cfg: SparkConfig | None = None):
     """Return the active SparkSession, or start one with Delta per ``cfg``.
 
@@ -113,7 +131,7 @@ def get_spark(cfg: SparkConfig | None = None):
         builder = (
             builder.master(cfg.master)
             .config("spark.driver.memory", cfg.driver_memory)
-            .config("spark.driver.extraJavaOptions", cfg.jvm_options)
+            .config("spark.driver.extraJavaOptions", local_java_options(cfg))
             .config("spark.ui.enabled", str(cfg.ui).lower())
             .config("spark.sql.extensions", DELTA_EXTENSION)
             .config("spark.sql.catalog.spark_catalog", DELTA_CATALOG)

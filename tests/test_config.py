@@ -1,9 +1,11 @@
 """Config: defaults, YAML files, dotted overrides, and errors that name the key."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from cvr_spark.config import Config, ConfigError, load_config, to_dict
+from cvr_spark.config import Config, ConfigError, SparkConfig, load_config, to_dict
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -55,3 +57,18 @@ def test_repo_conf_files_load():
         schema = schemas.get(f.name, Config)
         if schema is not None:
             load_config([f], schema=schema)
+
+
+def test_local_java_options_initial_heap_from_driver_memory():
+    from cvr_spark.spark import local_java_options
+
+    base = SparkConfig(jvm_options="-XX:+UseParallelGC")
+    for memory, xms in [("4g", "-Xms4g"), ("512M", "-Xms512m"), ("6gb", "-Xms6g"), ("4096", "-Xms4096m")]:
+        opts = local_java_options(dataclasses.replace(base, driver_memory=memory))
+        assert opts == f"-XX:+UseParallelGC {xms}", memory
+    assert local_java_options(dataclasses.replace(base, fixed_heap=False)) == "-XX:+UseParallelGC"
+    assert local_java_options(SparkConfig(jvm_options="", driver_memory="1g")) == "-Xms1g"
+    with pytest.raises(ValueError, match="spark.driver_memory '4 gigs'"):
+        local_java_options(dataclasses.replace(base, driver_memory="4 gigs"))
+    # the default options keep the huge-method JIT flag (the parse's generated code needs it)
+    assert "-XX:-DontCompileHugeMethods" in local_java_options(SparkConfig())

@@ -132,6 +132,9 @@ def run_stage(args) -> dict:
     jvm = spark._jvm
     out["jvm_heap_max_mb"] = round(jvm.java.lang.Runtime.getRuntime().maxMemory() / 2**20)
     out["java"] = str(jvm.java.lang.System.getProperty("java.version"))
+    # the JVM's own heap, GC and JIT flags (-X..., -XX:...), as the JVM got them
+    args = jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments()
+    out["jvm_options"] = " ".join(str(a) for a in args if str(a).startswith(("-XX:", "-Xm", "-Xs")))
     out["spark_default_parallelism"] = spark.sparkContext.defaultParallelism
     out["python_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return out
@@ -170,7 +173,7 @@ def run_size(rows: int, work: Path, args) -> tuple[dict, dict]:
         "python_peak_rss_mb": {"simulate": sim["python_peak_rss_mb"], "features": feat["python_peak_rss_mb"]},
         "rows_out": feat["rows_out"], "rejects": feat["rejects"],
     }
-    return figures, {k: feat[k] for k in ("jvm_heap_max_mb", "java", "spark_default_parallelism")}
+    return figures, {k: feat[k] for k in ("jvm_heap_max_mb", "java", "jvm_options", "spark_default_parallelism")}
 
 
 def main() -> None:
@@ -211,7 +214,7 @@ def main() -> None:
         "benchmark": "features", "master": args.master, "driver_memory": args.driver_memory,
         "spark_default_parallelism": jvm.get("spark_default_parallelism"),
         "preset": args.preset, "stage_isolation": "subprocess", "feature_runs_per_size": args.runs,
-        "jvm_heap_max_mb": jvm.get("jvm_heap_max_mb"),
+        "jvm_heap_max_mb": jvm.get("jvm_heap_max_mb"), "jvm_options": jvm.get("jvm_options"),
         "jvm_heap_sample_interval_s": args.sample_interval,
         "jvm_heap_note": "jvm_heap_used_peak_mb_sampled_*: max of total JVM heap used "
                          "(MemoryMXBean.getHeapMemoryUsage().getUsed()) sampled every "

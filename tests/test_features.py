@@ -480,3 +480,22 @@ def test_split_by_input_file_takes_the_last_files_in_name_order(spark, tmp_path)
     valid_ids = {r["sample_id"] for r in read_table(spark, str(tmp_path / "out" / "features")).where(
         "split = 'valid'").select("sample_id").collect()}
     assert len(valid_ids) == 3
+
+
+def test_stored_frames_keep_their_rows_deserialized(spark):
+    """The job's stored frames (parsed lines, vocab, rejects) use the JVM's deserialized
+    memory level: PySpark's MEMORY_AND_DISK would serialize every stored row."""
+    from pyspark import StorageLevel
+
+    held = []
+    df = spark.range(20).toDF("x")
+    checkpointed = fm._persist(df, held, checkpoint=True)
+    level = checkpointed._jdf.queryExecution().analyzed().rdd().getStorageLevel()
+    assert (level.useMemory(), level.useDisk(), level.deserialized()) == (True, True, True)
+    persisted = fm._persist(df.selectExpr("x + 1 AS y"), held)
+    assert persisted.storageLevel == StorageLevel.MEMORY_AND_DISK_DESER
+    assert sorted(r.x for r in checkpointed.collect()) == list(range(20))
+    assert persisted.count() == 20
+    for d in held:
+        fm._release(d)
+    assert not persisted.is_cached

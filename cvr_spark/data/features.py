@@ -498,13 +498,19 @@ def build_manifest(cfg: FeaturesConfig, data: SourceLike, sizes: dict[str, int],
 # ---------------------------------------------------------------- the job
 
 def _persist(df: DataFrame, held: list[DataFrame], checkpoint: bool = False) -> DataFrame:
-    """``df`` materialised once (MEMORY_AND_DISK) and recorded in ``held`` for :func:`_release`:
-    persisted, or with ``checkpoint`` computed now into a local checkpoint whose plan is a scan
-    of the stored rows (see ``FeaturesConfig.truncate_lineage``)."""
+    """``df`` materialised once and recorded in ``held`` for :func:`_release`: persisted, or
+    with ``checkpoint`` computed now into a local checkpoint whose plan is a scan of the stored
+    rows (see ``FeaturesConfig.truncate_lineage``).
+
+    Stored deserialized in memory (``MEMORY_AND_DISK_DESER``; partitions that do not fit go to
+    disk). PySpark's ``MEMORY_AND_DISK`` is the JVM's serialized level, under which every row
+    of the checkpoint went through the serializer when stored and again in each of the four
+    later scans: the 5M-row job took 77.3 / 73.8 s cold and 62.1 / 64.0 s warm with it, 70.0 /
+    72.7 s and 56.0 / 57.3 s with the rows kept as they are (interleaved, two rounds)."""
     if checkpoint:
-        df = df.localCheckpoint(eager=True, storageLevel=StorageLevel.MEMORY_AND_DISK)
+        df = df.localCheckpoint(eager=True, storageLevel=StorageLevel.MEMORY_AND_DISK_DESER)
     else:
-        df = df.persist(StorageLevel.MEMORY_AND_DISK)
+        df = df.persist(StorageLevel.MEMORY_AND_DISK_DESER)
     held.append(df)
     return df
 

@@ -210,3 +210,20 @@ def test_feature_job_registers_the_simulators_truth_table(spark, default_run, sm
     other = FeaturesConfig(source="aliccp-raw", input=str(out), output="o", test_input=str(tmp_path))
     assert simulator_truth(spark, other) is None  # the test ids come from another folder
     assert simulator_truth(spark, FeaturesConfig(source="aliccp-raw", input=str(tmp_path), output="o")) is None
+
+
+def test_simulator_stores_its_frame_deserialized(spark, tmp_path, monkeypatch):
+    """The simulator's one stored frame uses the JVM's deserialized level (PySpark's
+    MEMORY_AND_DISK would serialize every row)."""
+    from pyspark import StorageLevel
+
+    frame_class = type(spark.range(1))  # the session's DataFrame class (classic or Connect)
+    levels, persist = [], frame_class.persist
+
+    def spy(self, storageLevel=StorageLevel.MEMORY_AND_DISK_DESER):
+        levels.append(storageLevel)
+        return persist(self, storageLevel)
+
+    monkeypatch.setattr(frame_class, "persist", spy)
+    simulate(spark, preset_config("small", output=str(tmp_path / "sim"), **{**SMALL, "rows": 2000}))
+    assert levels and all(level == StorageLevel.MEMORY_AND_DISK_DESER for level in levels), levels

@@ -53,7 +53,7 @@ class SparkConfig:
     #   concurrent threads compete with the two task threads of a 2-core machine).
     # * Tier4 thresholds 3x HotSpot's (5000 / 15000): C2 compiles only the hotter methods. A
     #   Spark job loads thousands of library and generated methods once; compiling them took
-    #   about 50 s of compiler-thread time in the 85 s cold 5M-row feature job on 2 cores.
+    #   53-58 s of compiler-thread time in the 84-88 s cold 5M-row feature job on 2 cores.
     # Together with fixed_heap: 12 % less time for the cold 5M-row feature job (README, JIT).
     jvm_options: str = ("-XX:-DontCompileHugeMethods -XX:+UseParallelGC "
                         "-XX:Tier4InvocationThreshold=15000 -XX:Tier4CompileThreshold=45000")

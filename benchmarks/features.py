@@ -133,8 +133,8 @@ def run_stage(args) -> dict:
     out["jvm_heap_max_mb"] = round(jvm.java.lang.Runtime.getRuntime().maxMemory() / 2**20)
     out["java"] = str(jvm.java.lang.System.getProperty("java.version"))
     # the JVM's own heap, GC and JIT flags (-X..., -XX:...), as the JVM got them
-    args = jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments()
-    out["jvm_options"] = " ".join(str(a) for a in args if str(a).startswith(("-XX:", "-Xm", "-Xs")))
+    jvm_args = [str(a) for a in jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments()]
+    out["jvm_options"] = " ".join(a for a in jvm_args if a.startswith(("-XX:", "-Xm", "-Xs")))
     out["spark_default_parallelism"] = spark.sparkContext.defaultParallelism
     out["python_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return out
@@ -150,7 +150,7 @@ def run_stage_subprocess(stage: str, rows: int, work: Path, args) -> dict:
 
 def run_size(rows: int, work: Path, args) -> tuple[dict, dict]:
     """Simulate, then featurise ``rows`` rows, each in its own process: the size's figures, and
-    the feature process's JVM facts (heap max, Java version, default parallelism)."""
+    the feature process's JVM facts (heap max, Java version, heap/GC/JIT flags, default parallelism)."""
     sim = run_stage_subprocess("simulate", rows, work, args)
     feat = run_stage_subprocess("features", rows, work, args)
     shutil.rmtree(work / f"raw_{rows}", ignore_errors=True)

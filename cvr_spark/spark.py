@@ -91,12 +91,12 @@ def local_java_options(cfg: SparkConfig) -> str:
     initial heap of ``cfg.driver_memory`` (``-Xms``; Spark sets ``-Xmx`` from it).
 
     Raises:
-        ValueError: ``driver_memory`` is not a size Spark reads (digits, then k/m/g/t with an
-        optional ``b``; digits alone are MiB).
+        ValueError: ``driver_memory`` is not a whole number of MiB (digits alone, Spark's
+        unit for driver memory) or of k/m/g/t (with an optional ``b``, as Spark writes them).
     """
     if not cfg.fixed_heap:
         return cfg.jvm_options
-    size = re.fullmatch(r"(\d+)\s*([kmgt]?)b?", cfg.driver_memory.strip().lower())
+    size = re.fullmatch(r"(\d+)(?:([kmgt])b?)?", cfg.driver_memory.strip().lower())
     if size is None:
         raise ValueError(f"spark.driver_memory '{cfg.driver_memory}' is not a memory size "
                          "(expected e.g. 4g, 512m, 4096)")

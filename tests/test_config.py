@@ -68,7 +68,8 @@ def test_local_java_options_initial_heap_from_driver_memory():
         assert opts == f"-XX:+UseParallelGC {xms}", memory
     assert local_java_options(dataclasses.replace(base, fixed_heap=False)) == "-XX:+UseParallelGC"
     assert local_java_options(SparkConfig(jvm_options="", driver_memory="1g")) == "-Xms1g"
-    with pytest.raises(ValueError, match="spark.driver_memory '4 gigs'"):
-        local_java_options(dataclasses.replace(base, driver_memory="4 gigs"))
+    for bad in ("4 gigs", "4 g", "4096b"):  # Spark rejects a space; a bare b means bytes, not MiB
+        with pytest.raises(ValueError, match=f"spark.driver_memory '{bad}'"):
+            local_java_options(dataclasses.replace(base, driver_memory=bad))
     # the default options keep the huge-method JIT flag (the parse's generated code needs it)
     assert "-XX:-DontCompileHugeMethods" in local_java_options(SparkConfig())

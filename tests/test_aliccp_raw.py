@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from pyspark.sql import functions as F
 
 from cvr_spark.data.sources import read_source
+
+# Both line parsers (cvr_spark.data.jvm_parser): the JVM UDF and the SQL expressions.
+both_parsers = pytest.mark.parametrize("parser", ["jvm", "sql"])
 
 SEP, ID, VAL = "\x01", "\x02", "\x03"
 
@@ -36,7 +40,8 @@ def line(*parts: str) -> bytes:
     return ",".join(parts).encode()
 
 
-def test_real_length_common_lines_parse_and_a_bad_token_among_them_is_found(spark, tmp_path):
+@both_parsers
+def test_real_length_common_lines_parse_and_a_bad_token_among_them_is_found(spark, tmp_path, parser):
     user = [feature("101", "u1"), feature("121", "g1"), *history(1500)]
     broken = list(user)
     broken[900] = "109_14" + ID + "h900" + VAL + "abc"  # a value that is not a number, deep in the line
@@ -45,7 +50,8 @@ def test_real_length_common_lines_parse_and_a_bad_token_among_them_is_found(spar
     skeleton = [line("1", "1", "0", "k1", "2", SEP.join(items)),
                 line("2", "0", "0", "k2", "2", SEP.join(items)),
                 line("3", "1", "1", "k1", "2", SEP.join(items))]
-    data = read_source(spark, "aliccp-raw", write_raw(tmp_path / "raw", skeleton, common), fields="full")
+    data = read_source(spark, "aliccp-raw", write_raw(tmp_path / "raw", skeleton, common), fields="full",
+                       parser=parser)
     rows = {r["sample_id"]: r for r in data.train.collect()}
     assert sorted(rows) == [1, 3]
     assert rows[1]["101"] == "u1" and rows[1]["205"] == "i1" and rows[1]["301"] == "c1"
@@ -56,7 +62,8 @@ def test_real_length_common_lines_parse_and_a_bad_token_among_them_is_found(spar
     assert data.input_rows() == {"train": 3}
 
 
-def test_bytes_that_are_not_utf8_are_rejected(spark, tmp_path):
+@both_parsers
+def test_bytes_that_are_not_utf8_are_rejected(spark, tmp_path, parser):
     items = SEP.join([feature("205", "i1"), feature("301", "c1")])
     bad_item = SEP.join([feature("205", "i1"), feature("301", "c1")]).encode().replace(b"c1", b"\xff\xfe")
     user = SEP.join([feature("101", "u1")])
@@ -66,7 +73,7 @@ def test_bytes_that_are_not_utf8_are_rejected(spark, tmp_path):
                 b"2,0,0,k1,2," + bad_item,
                 line("3", "1", "0", "k2", "2", items),
                 line("4", "1", "0", "k1", "2", items)]
-    data = read_source(spark, "aliccp-raw", write_raw(tmp_path / "raw", skeleton, common))
+    data = read_source(spark, "aliccp-raw", write_raw(tmp_path / "raw", skeleton, common), parser=parser)
     assert sorted(r["sample_id"] for r in data.train.collect()) == [1, 4]
     reasons = {r["line"].split(",")[0]: r["reason"] for r in data.rejects.collect()}
     assert reasons == {"2": "invalid_utf8", "3": "malformed_common_feature"}
@@ -82,7 +89,8 @@ def test_paddle_joined_bytes_that_are_not_utf8_are_rejected(spark, tmp_path):
     assert data.rejects.where(F.col("line").startswith("2,")).count() == 1
 
 
-def test_single_field_lookup_matches_whole_field_names_only(spark, tmp_path):
+@both_parsers
+def test_single_field_lookup_matches_whole_field_names_only(spark, tmp_path, parser):
     """A single-valued field is found by its whole name at a feature's start: ``127`` is not
     ``127_14`` (a multi-valued field), nor an id or a value that reads ``127``; the first of
     two occurrences wins, in the skeleton as in the common list."""
@@ -93,7 +101,8 @@ def test_single_field_lookup_matches_whole_field_names_only(spark, tmp_path):
                                                          feature("210", "a"), feature("210", "b")])),
                 line("2", "0", "0", "k2", "1", feature("301", "c" * 300)),
                 line("3", "0", "0", "k2", "2", SEP.join([feature("301", "s"), feature("127", "s127")]))]
-    data = read_source(spark, "aliccp-raw", write_raw(tmp_path / "raw", skeleton, common), fields="full")
+    data = read_source(spark, "aliccp-raw", write_raw(tmp_path / "raw", skeleton, common), fields="full",
+                       parser=parser)
     rows = {r["sample_id"]: r for r in data.train.collect()}
     assert sorted(rows) == [1, 2, 3]
     assert (rows[1]["127"], rows[1]["127_14"], rows[1]["101"]) == ("u127", ["h1"], "127")
@@ -154,3 +163,140 @@ def test_raw_reader_does_not_depend_on_sql_escape_setting(spark, tmp_path):
     finally:
         spark.conf.set(key, before)
     assert (row["101"], row["205"], row["301"]) == ("u1", "i1", "c1")
+
+
+def test_jvm_parser_agrees_with_the_token_grammar(spark):
+    """The JVM UDF's count, damage flag and field values against the token grammar
+    (:data:`RAW_FEATURE_RE`, matched in Python), on hand-picked damage and random lists over
+    the separators, digits and the characters of a number; the list is a line's second column."""
+    import random
+    import re
+
+    from cvr_spark.data import jvm_parser
+    from cvr_spark.data.aliccp_raw import RAW_FEATURE_RE
+    from cvr_spark.data.fields import FieldInfo
+
+    assert jvm_parser.enable(spark, "jvm")
+    fields = [FieldInfo("a", "user"), FieldInfo("b", "item", multi=True), FieldInfo("ab", "item")]
+    rng = random.Random(11)
+    alphabet = ["a", "b", "7", ".", "e", "-", "+", "E", SEP, ID, VAL, ID, VAL, SEP]
+    cases = ["", feature("a", "1"), feature("a", "1") + SEP + feature("a", "2") + SEP + feature("b", "3")
+             + SEP + feature("b", "4", "-.5E+3") + SEP + feature("ab", "5", "7."), f"a{ID}1{VAL}1\u2028",
+             feature("a", "1", "1e"), feature("a", "1", "."), feature("a", "1", "+"), feature("a", "1", "1.5.")]
+    cases += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 16))) for _ in range(600)]
+    cases += [SEP.join(feature(rng.choice(["a", "b", "ab", "c"]), rng.choice("78x"),
+                               rng.choice(["1", "1.5", "e", "-.5", "7e", ".", "2E-1", "+3."]))
+                       for _ in range(rng.randint(1, 5))) for _ in range(300)]
+    cases = list(dict.fromkeys(cases))
+    frame = spark.createDataFrame([(i, s) for i, s in enumerate(cases)], "i int, l string")
+    got = {r["i"]: r["p"] for r in frame.select(
+        "i", jvm_parser.line_struct(F.concat(F.lit("x,"), "l"), 1, fields).alias("p")).collect()}
+    bad_seen = 0
+    for i, text in enumerate(cases):
+        tokens = text.split(SEP) if text else []
+        bad = not all(re.fullmatch(RAW_FEATURE_RE, t, re.ASCII) for t in tokens)
+        bad_seen += bad
+        p = got[i]
+        assert (p["ncols"], p["head"], p["nfeat"], p["bad"]) == (2, ["x"], len(tokens), bad), repr(text)
+        if not bad:
+            pairs = [(t.split(ID)[0], t.split(ID)[1].split(VAL)[0]) for t in tokens]
+            first = {n: next((v for m, v in pairs if m == n), None) for n in ("a", "ab")}
+            assert p["single"] == [first["a"], first["ab"]], repr(text)
+            assert p["multi"] == [[v for m, v in pairs if m == "b"]], repr(text)
+    assert 0 < bad_seen < len(cases)  # both kinds are exercised
+
+
+def test_jvm_and_sql_parsers_give_the_same_rows(spark, tmp_path):
+    """Every column of every parsed line (reasons included; field values where the line is
+    accepted) is the same from both parsers, on
+    random raw files: damaged columns, labels, counts and features, skeleton fields that
+    override or add to the common ones, missing and duplicated common keys, and keys or lines
+    with bytes that are not UTF-8 beside a key that holds U+FFFD itself."""
+    import random
+
+    from cvr_spark.data.fields import FULL
+
+    rng = random.Random(5)
+    names = ["101", "121", "205", "301", "109_14", "150_14", "999"]
+
+    def features() -> list[str]:
+        out = [feature(rng.choice(names), rng.choice(["1", "2", "33", "x"]),
+                       rng.choice(["1.0", "0.5", "2e3", "1.0", "z", ""])) for _ in range(rng.randint(0, 6))]
+        if out and rng.random() < 0.1:
+            out[rng.randrange(len(out))] = rng.choice(["205", f"205{ID}{ID}1{VAL}1", f"{ID}1{VAL}1"])
+        return out
+
+    keys = [f"k{i}" for i in range(8)]
+    common = []
+    for key in keys + ["k0", "k\ufffd"]:  # k0 twice: a duplicated key
+        fs = features()
+        count = str(len(fs)) if rng.random() < 0.9 else "9"
+        common.append(line(key, count, SEP.join(fs)))
+    common += [b"k\xff,1," + feature("101", "u9").encode(), line("k6", "1"), b""]
+    skeleton = []
+    for i in range(400):
+        fs = features()
+        cols = [str(i) if rng.random() < 0.95 else rng.choice(["-1", "1x", "", str(i - 1)]),
+                rng.choice("0011 2"), rng.choice("0001"), rng.choice(keys + ["k\ufffd", "nokey"]),
+                str(len(fs)) if rng.random() < 0.9 else "7", SEP.join(fs)]
+        if rng.random() < 0.05:
+            cols = cols[:rng.randint(1, 5)] if rng.random() < 0.5 else cols + ["extra"]
+        raw = line(*cols)
+        if rng.random() < 0.03:
+            raw = raw.replace(b"k", b"k\xfe", 1) if rng.random() < 0.5 else raw + b"\xff"
+        skeleton.append(raw)
+    folder = write_raw(tmp_path / "raw", skeleton, common)
+    columns = ["_line", "_reason", "_raw_id", "click", "conversion", "sample_id", *FULL]
+
+    def rows(parser: str) -> list[tuple]:
+        """Every column; the field values of a rejected line are left out (only its line and
+        reason are kept, and a damaged list has no defined values)."""
+        data = read_source(spark, "aliccp-raw", folder, fields="full", parser=parser)
+        assert data.parser == parser
+        got = data.parsed.select(*columns).collect()
+        return sorted(tuple(repr(v) for v in (r if r["_reason"] is None else r[:6])) for r in got)
+
+    jvm, sql = rows("jvm"), rows("sql")
+    assert len(jvm) == len(skeleton)
+    assert jvm == sql
+    reasons = {r[1] for r in jvm}
+    assert {"None", "'malformed_feature'", "'feature_count_mismatch'", "'missing_common_key'",
+            "'duplicate_common_key'", "'malformed_common_feature'", "'bad_column_count'",
+            "'invalid_utf8'", "'bad_label'", "'bad_sample_id'"} <= reasons
+
+
+def test_jvm_parser_enable_modes_and_build_errors(spark, tmp_path, monkeypatch, caplog):
+    """``sql`` never registers the UDF; ``jvm`` raises where it cannot be built, ``auto`` falls
+    back to SQL and logs why; javac's errors and a missing javac are named."""
+    import logging
+
+    from cvr_spark.config import SparkConfig
+    from cvr_spark.data import jvm_parser
+
+    assert jvm_parser.DEFAULT_CACHE == SparkConfig().jars_cache
+    with pytest.raises(ValueError, match="features.parser must be one of"):
+        jvm_parser.enable(spark, "fast")
+    assert jvm_parser.enable(spark, "sql") is False
+    jar = jvm_parser.build_jar(str(tmp_path / "cache"))
+    assert jar.is_file() and jvm_parser.build_jar(str(tmp_path / "cache")) == jar  # cached by hash
+
+    def unloadable(session):
+        raise RuntimeError("class not found")
+
+    monkeypatch.setattr(jvm_parser, "_registered", lambda session: False)
+    monkeypatch.setattr(jvm_parser, "_register", unloadable)
+    monkeypatch.setattr(jvm_parser, "find_javac", lambda: None)
+    empty = str(tmp_path / "empty-cache")
+    with pytest.raises(RuntimeError, match="features.parser=jvm.*no javac"):
+        jvm_parser.enable(spark, "jvm", empty)
+    with caplog.at_level(logging.WARNING, logger=jvm_parser.__name__):
+        assert jvm_parser.enable(spark, "auto", empty) is False
+    assert "no javac" in caplog.text and "SQL parser" in caplog.text
+    monkeypatch.undo()
+
+    broken = tmp_path / "java" / "AliccpLine.java"
+    broken.parent.mkdir()
+    broken.write_text("package cvrspark.data; class AliccpLine { int x = ; }")
+    monkeypatch.setattr(jvm_parser, "SOURCE", broken)
+    with pytest.raises(RuntimeError, match="(?s)javac could not compile.*error: illegal start"):
+        jvm_parser.build_jar(empty)

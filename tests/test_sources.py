@@ -64,8 +64,10 @@ def write(path: Path, lines: list[str]) -> Path:
 # ------------------------------------------------------------------ raw Ali-CCP
 
 
-def test_raw_fixture_exact_rows_and_rejects(spark) -> None:
-    data = read_source(spark, "aliccp-raw", str(RAW), fields="full")
+@pytest.mark.parametrize("parser", ["jvm", "sql"])
+def test_raw_fixture_exact_rows_and_rejects(spark, parser: str) -> None:
+    data = read_source(spark, "aliccp-raw", str(RAW), fields="full", parser=parser)
+    assert data.parser == parser
     assert [f.name for f in data.fields] == FULL
     assert [f.name for f in data.fields if f.multi] == ["109_14", "110_14", "127_14", "150_14"]
     assert data.train.columns == ["sample_id", "click", "conversion", *FULL, "_split_key", "_file_index"]

@@ -185,12 +185,16 @@ def _malformed(tokens: Column, pattern: str) -> Column:
 
 
 def _split_lines(spark: SparkSession, path: str) -> DataFrame:
-    """``_source_file``, ``_line`` and ``_parts`` (the comma-separated columns) of a file.
-    Spark's text reader (Hadoop's line reader) ends a line at LF, CR or CRLF, so no line holds
-    a carriage return: CRLF files need no cleaning (``test_sources`` reads one)."""
+    """``_source_file``, ``_line``, ``_utf8_bad``, ``_parts`` (the comma-separated columns)
+    and ``_first`` (the first column as its bytes: ``split`` works on the line decoded, with
+    U+FFFD in place of bytes that are not UTF-8) of a file. Spark's text reader (Hadoop's line
+    reader) ends a line at LF, CR or CRLF, so no line holds a carriage return: CRLF files need
+    no cleaning (``test_sources`` reads one)."""
+    value = F.col("value")
     return barrier(spark.read.text(path).select(
-        F.lit(path).alias("_source_file"), readable_line(F.col("value")).alias("_line"),
-        not_utf8(F.col("value")).alias("_utf8_bad"), F.split(F.col("value"), ",", -1).alias("_parts")))
+        F.lit(path).alias("_source_file"), readable_line(value).alias("_line"),
+        not_utf8(value).alias("_utf8_bad"), F.split(value, ",", -1).alias("_parts"),
+        F.substring_index(value, ",", 1).alias("_first")))
 
 
 def raw_sample_id(first_column: Column) -> Column:
@@ -205,36 +209,65 @@ def read_ids(spark: SparkSession, path: str) -> DataFrame:
         raw_sample_id(F.substring_index(F.col("value"), ",", 1)).alias("_raw_id"))
 
 
-def read_common(spark: SparkSession, path: str, fields: Sequence[FieldInfo]) -> DataFrame:
-    """The common-features file, one row per key: ``_key``, ``_n`` (lines with that key),
-    ``_bad`` (1 when a line of the key is damaged) and the fields prefixed ``_c_``."""
+def _parse_lines(spark: SparkSession, path: str, list_column: int, fields: Sequence[FieldInfo],
+                 prefix: str, jvm: bool) -> DataFrame:
+    """One row per line of a raw file: ``_source_file``, ``_line``, ``_utf8_bad``, ``_ncols``,
+    ``_h0`` .. (the ``list_column`` columns before the feature list, strings, null where the
+    line is shorter), ``_nfeat``, ``_feat_bad`` (see :func:`_raw_list`) and the fields prefixed
+    ``prefix``. ``jvm``: parse with the JVM UDF (:mod:`cvr_spark.data.jvm_parser`, registered
+    on the session), else with the SQL expressions; the two give the same rows (field values
+    where the list is well formed). Both see the line decoded, with U+FFFD in place of bytes
+    that are not UTF-8 (such a line is rejected), except the first column, a common key or a
+    sample id, which is taken as its bytes: a key with bad bytes is not the key that holds
+    U+FFFD itself."""
+    head = [f"_h{i}" for i in range(list_column)]
+    if jvm:
+        from cvr_spark.data import jvm_parser
+
+        value = F.col("value")
+        lines = barrier(spark.read.text(path).select(
+            F.lit(path).alias("_source_file"), readable_line(value).alias("_line"),
+            not_utf8(value).alias("_utf8_bad"), F.substring_index(value, ",", 1).alias("_h0"),
+            jvm_parser.line_struct(value, list_column, fields).alias("_p")))
+        return lines.select(
+            "_source_file", "_line", "_utf8_bad", F.col("_p.ncols").alias("_ncols"), "_h0",
+            *[F.get(F.col("_p.head"), i).alias(h) for i, h in enumerate(head) if i > 0],
+            F.col("_p.nfeat").alias("_nfeat"), F.col("_p.bad").alias("_feat_bad"),
+            *jvm_parser.field_columns("_p", fields, prefix))
     parts = F.col("_parts")
     tokens = barrier(_split_lines(spark, path).select(
-        F.get(parts, 0).alias("_key"), F.size(parts).alias("_ncols"), "_utf8_bad",
-        F.get(parts, 1).try_cast("int").alias("_count"), *_raw_list(F.get(parts, 2), _any_multi(fields))))
-    bad = (F.col("_ncols") != 3) | (F.col("_count") != F.col("_nfeat")) | F.col("_feat_bad") | F.col("_utf8_bad")
-    parsed = tokens.select("_key", F.coalesce(bad, F.lit(True)).cast("int").alias("_bad"),
-                           *raw_field_columns(fields, "_c_"))
+        "_source_file", "_line", "_utf8_bad", F.size(parts).alias("_ncols"), F.col("_first").alias("_h0"),
+        *[F.get(parts, i).alias(h) for i, h in enumerate(head) if i > 0],
+        *_raw_list(F.get(parts, list_column), _any_multi(fields))))
+    return tokens.select("_source_file", "_line", "_utf8_bad", "_ncols", *head, "_nfeat", "_feat_bad",
+                         *raw_field_columns(fields, prefix))
+
+
+def read_common(spark: SparkSession, path: str, fields: Sequence[FieldInfo], jvm: bool = False) -> DataFrame:
+    """The common-features file, one row per key: ``_key``, ``_n`` (lines with that key),
+    ``_bad`` (1 when a line of the key is damaged) and the fields prefixed ``_c_``
+    (``jvm``: see :func:`_parse_lines`)."""
+    lines = _parse_lines(spark, path, 2, fields, "_c_", jvm)
+    count = F.col("_h1").try_cast("int")
+    bad = (F.col("_ncols") != 3) | (count != F.col("_nfeat")) | F.col("_feat_bad") | F.col("_utf8_bad")
+    parsed = lines.select(F.col("_h0").alias("_key"), F.coalesce(bad, F.lit(True)).cast("int").alias("_bad"),
+                          *["_c_" + f.name for f in fields])
     return parsed.groupBy("_key").agg(
         F.count(F.lit(1)).alias("_n"), F.max("_bad").alias("_bad"),
         *[F.first("_c_" + f.name).alias("_c_" + f.name) for f in fields])
 
 
 def read_skeleton(spark: SparkSession, path: str, common: DataFrame,
-                  fields: Sequence[FieldInfo], broadcast_common: bool = False) -> DataFrame:
+                  fields: Sequence[FieldInfo], broadcast_common: bool = False, jvm: bool = False) -> DataFrame:
     """Parsed skeleton rows of one file joined (left) with their common features
-    (``broadcast_common``: hint the common table BROADCAST, for a small common file)."""
-    parts = F.col("_parts")
-    tokens = barrier(_split_lines(spark, path).select(
-        "_source_file", "_line", "_utf8_bad", F.size(parts).alias("_ncols"),
-        raw_sample_id(F.get(parts, 0)).alias("_raw_id"),
-        F.get(parts, 1).alias("click"), F.get(parts, 2).alias("conversion"),
-        F.get(parts, 3).alias("_key"), F.get(parts, 4).try_cast("int").alias("_count"),
-        *_raw_list(F.get(parts, 5), _any_multi(fields))))
-    base = tokens.select(
-        "_source_file", "_line", "_ncols", "_raw_id", "click", "conversion", "_key", "_utf8_bad",
-        (F.col("_count") != F.col("_nfeat")).alias("_count_bad"), "_feat_bad",
-        *raw_field_columns(fields, "_s_"))
+    (``broadcast_common``: hint the common table BROADCAST, for a small common file; ``jvm``:
+    see :func:`_parse_lines`)."""
+    lines = _parse_lines(spark, path, 5, fields, "_s_", jvm)
+    base = lines.select(
+        "_source_file", "_line", "_ncols", raw_sample_id(F.col("_h0")).alias("_raw_id"),
+        F.col("_h1").alias("click"), F.col("_h2").alias("conversion"), F.col("_h3").alias("_key"),
+        "_utf8_bad", (F.col("_h4").try_cast("int") != F.col("_nfeat")).alias("_count_bad"), "_feat_bad",
+        *["_s_" + f.name for f in fields])
     joined = base.join(F.broadcast(common) if broadcast_common else common, on="_key", how="left")
     bad_label, no_click = label_checks(F.col("click"), F.col("conversion"))
     reason = first_reason([

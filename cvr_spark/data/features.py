@@ -48,6 +48,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, NumericType, StringType
 
 from cvr_spark.data.fields import ITEM_KEY_FIELD, USER_KEY_FIELD, FieldInfo
+from cvr_spark.data.jvm_parser import PARSERS
 from cvr_spark.tables import FORMATS, even_files, join, local_path, table_version, write_json_atomic, write_table
 
 LABELS = ("click", "conversion", "ctcvr", "ctnocvr")
@@ -107,6 +108,9 @@ class FeaturesConfig:
     # and is not recomputed if one is lost (the job fails and can be re-run; the published
     # tables are untouched); set False on clusters that lose executors (spot, downscaling).
     truncate_lineage: bool = True
+    # How raw Ali-CCP lines are parsed: "auto" (the JVM UDF where it can be compiled and
+    # loaded, else SQL), "jvm" (an error where it cannot) or "sql" (cvr_spark.data.jvm_parser).
+    parser: str = "auto"
 
     def check(self) -> None:
         """Raises: ValueError naming the first option out of range."""
@@ -122,6 +126,8 @@ class FeaturesConfig:
             raise ValueError(f"features.max_reject_fraction must be in [0, 1], got {self.max_reject_fraction}")
         if self.rows_per_file < 1:
             raise ValueError(f"features.rows_per_file must be >= 1, got {self.rows_per_file}")
+        if self.parser not in PARSERS:
+            raise ValueError(f"features.parser must be one of {PARSERS}, got {self.parser!r}")
 
 
 class SourceLike(Protocol):
@@ -490,6 +496,8 @@ def build_manifest(cfg: FeaturesConfig, data: SourceLike, sizes: dict[str, int],
         "fields_preset": cfg.fields if cfg.source in PRESET_SOURCES else None,
         "labels": list(LABELS), "rows": rows, "label_rates": rates, **facts,
         "config": dataclasses.asdict(cfg), "source": cfg.source,
+        # the parser that ran, where the source has a choice (raw Ali-CCP: "jvm" or "sql")
+        "parser": getattr(data, "parser", None),
         "source_files": {k: list(v) for k, v in (data.source_files or {}).items()},
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -624,5 +632,6 @@ def run_features(spark: Any, cfg: FeaturesConfig) -> dict:
     cfg.check()
     from cvr_spark.data.sources import read_source
 
-    data = read_source(spark, cfg.source, cfg.input, fields=cfg.fields, test_input=cfg.test_input)
+    data = read_source(spark, cfg.source, cfg.input, fields=cfg.fields, test_input=cfg.test_input,
+                       parser=cfg.parser)
     return build_features(cfg, data)

@@ -5,8 +5,10 @@ Canonical columns (DESIGN.md "Data contracts"): ``sample_id`` (long), ``click`` 
 missing; ``array<string>`` for multi-valued fields, empty when missing), dense columns as double,
 and ``_split_key`` (long): what the validation split hashes (see below).
 
-Every line is read as text (so a rejected row keeps its raw line) and parsed with Spark SQL
-functions only (no Python UDFs, nothing collected but the first two lines of a CSV). For each
+Every line is read as text (so a rejected row keeps its raw line) and parsed in the JVM: with
+Spark SQL functions, or for raw Ali-CCP with a Java UDF (``parser``, see
+:mod:`cvr_spark.data.jvm_parser`); no Python UDFs, nothing collected but the first two lines of
+a CSV. For each
 input split, ``input_rows == canonical rows + rejected rows``.
 
 Decisions where the spec is silent:
@@ -60,7 +62,7 @@ from typing import Any, Callable, Optional
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from cvr_spark.data import aliccp_raw
+from cvr_spark.data import aliccp_raw, jvm_parser
 from cvr_spark.data.features import FILE_INDEX
 from cvr_spark.data.fields import AITM18, FULL, FieldInfo, aliccp_fields, group_of
 
@@ -100,6 +102,8 @@ class SourceData:
     # How train / valid / test / rejects derive from ``parsed`` (see :meth:`with_parsed`).
     derive: Optional[Callable[[DataFrame], tuple[dict[str, DataFrame], DataFrame]]] = field(
         default=None, repr=False)
+    # How the lines were parsed where there is a choice (raw Ali-CCP: "jvm" or "sql").
+    parser: Optional[str] = None
 
     def with_parsed(self, parsed: DataFrame) -> "SourceData":
         """This source with its frames derived from ``parsed``: the parsed lines (the columns of
@@ -181,7 +185,7 @@ RAW_FILES = {split: (f"sample_skeleton_{split}.csv", f"common_features_{split}.c
 
 
 def read_source(spark: SparkSession, source: str, input: str, fields: str = "aitm18",
-                test_input: str = "") -> SourceData:
+                test_input: str = "", parser: str = "auto") -> SourceData:
     """Read one supported input into canonical frames and rejects.
 
     Args:
@@ -189,15 +193,21 @@ def read_source(spark: SparkSession, source: str, input: str, fields: str = "ait
         input: a file (the train input) or a folder holding the split files.
         fields: field preset (``aitm18`` / ``full``) for ``aliccp-raw`` and ``paddle-joined``.
         test_input: explicit test file (for ``aliccp-raw``: a folder holding the test pair).
+        parser: how ``aliccp-raw`` lines are parsed: ``auto`` (the JVM UDF where it can be
+            built and loaded, else SQL), ``jvm`` or ``sql`` (:mod:`cvr_spark.data.jvm_parser`);
+            the result records it (``SourceData.parser``).
 
     Raises:
-        ValueError: unknown source or preset; a header without a required column.
+        ValueError: unknown source, preset or parser; a header without a required column.
+        RuntimeError: ``parser="jvm"`` and the JVM parser cannot be built or loaded.
         FileNotFoundError: a missing input file or folder, or a folder without a train file.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown source '{source}', expected one of {list(SOURCES)}")
+    if parser not in jvm_parser.PARSERS:
+        raise ValueError(f"unknown parser '{parser}', expected one of {list(jvm_parser.PARSERS)}")
     if source == "aliccp-raw":
-        return _read_aliccp_raw(spark, input, aliccp_fields(fields), test_input)
+        return _read_aliccp_raw(spark, input, aliccp_fields(fields), test_input, parser)
     files = _resolve_files(spark, source, input, test_input)
     if source == "paddle-joined":
         infos = aliccp_fields(fields)
@@ -384,7 +394,7 @@ def _derive(rows: DataFrame, splits: list[str], fields: list[FieldInfo], dense: 
 
 
 def _read_aliccp_raw(spark: SparkSession, input: str, fields: list[FieldInfo],
-                     test_input: str) -> SourceData:
+                     test_input: str, parser: str) -> SourceData:
     """The raw release: a folder with the train pair and optionally the test pair."""
     _require(spark, input, "aliccp-raw input folder")
     if not _is_dir(spark, input):
@@ -398,12 +408,14 @@ def _read_aliccp_raw(spark: SparkSession, input: str, fields: list[FieldInfo],
             _require(spark, skeleton, "aliccp-raw skeleton file")
             _require(spark, common, f"aliccp-raw common-features file (for {skeleton})")
             files[split] = [skeleton, common]
+    jvm = jvm_parser.enable(spark, parser)
     parsed = {s: [aliccp_raw.read_skeleton(
-        spark, f[0], aliccp_raw.read_common(spark, f[1], fields), fields,
-        broadcast_common=_size(spark, f[1]) <= BROADCAST_COMMON_MAX_BYTES)] for s, f in files.items()}
+        spark, f[0], aliccp_raw.read_common(spark, f[1], fields, jvm), fields,
+        broadcast_common=_size(spark, f[1]) <= BROADCAST_COMMON_MAX_BYTES, jvm=jvm)] for s, f in files.items()}
     lines = {s: [spark.read.text(f[0])] for s, f in files.items()}
     ids = {s: aliccp_raw.read_ids(spark, f[0]) for s, f in files.items()}
-    return _assemble(parsed, lines, files, fields, [], ids=ids)
+    return dataclasses.replace(_assemble(parsed, lines, files, fields, [], ids=ids),
+                               parser="jvm" if jvm else "sql")
 
 
 # ---------------------------------------------------------------- CSV

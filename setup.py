@@ -41,7 +41,9 @@ setup(
     # installed library (cluster library, --py-files) finds its presets without the repo.
     packages=find_packages(include=["cvr_spark", "cvr_spark.*"]) + ["cvr_spark.conf", "cvr_spark.conf.models"],
     package_dir={"cvr_spark.conf": "conf", "cvr_spark.conf.models": "conf/models"},
-    package_data={"cvr_spark.conf": ["*.yaml"], "cvr_spark.conf.models": ["*.yaml"]},
+    # The raw Ali-CCP line parser's Java source: compiled on first use (cvr_spark.data.jvm_parser).
+    package_data={"cvr_spark.conf": ["*.yaml"], "cvr_spark.conf.models": ["*.yaml"],
+                  "cvr_spark.data": ["java/*.java"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

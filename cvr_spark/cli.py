@@ -40,7 +40,7 @@ def _load(args: argparse.Namespace, section: str, names: Sequence[str]) -> Confi
 
 
 FEATURE_FLAGS = ("source", "input", "output", "fields", "min_count", "format", "valid_fraction",
-                 "seed", "test_input", "split_column", "max_reject_fraction")
+                 "seed", "test_input", "split_column", "max_reject_fraction", "parser")
 SIM_FLAGS = ("output", "rows", "seed", "preset")
 
 
@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid-fraction", dest="valid_fraction", type=float)
     p.add_argument("--split-column", dest="split_column")
     p.add_argument("--max-reject-fraction", dest="max_reject_fraction", type=float)
+    p.add_argument("--parser", choices=["auto", "jvm", "sql"],
+                   help="raw Ali-CCP line parser: the JVM UDF (compiled on first use) or Spark SQL")
     p.add_argument("--seed", type=int)
     _common(p)
     p.set_defaults(func=cmd_features)

@@ -68,8 +68,11 @@ def test_simulate_features_train_score_under_spark_submit(tmp_path):
         "common_features_test.csv", "common_features_train.csv", "sample_skeleton_test.csv",
         "sample_skeleton_train.csv"]
 
-    _ok(_submit("build_features.py", "--input", str(sim), "--output", str(feat), "--min-count", "2"))
+    # --parser jvm: the session spark-submit made gets the line parser's jar by ADD JAR, or fails
+    _ok(_submit("build_features.py", "--input", str(sim), "--output", str(feat), "--min-count", "2",
+                "--parser", "jvm"))
     manifest = json.loads((feat / "manifest.json").read_text())
+    assert manifest["parser"] == "jvm"
     assert manifest["tables"]["features"]["format"] == "delta"
     assert (feat / "features" / "_delta_log").is_dir()
     rows = manifest["rows"]

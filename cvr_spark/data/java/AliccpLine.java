@@ -1,6 +1,8 @@
 package cvrspark.data;
 
 import java.util.ArrayList;
+import java.util.Collections;
+import java.util.HashMap;
 import java.util.List;
 import org.apache.spark.sql.Row;
 import org.apache.spark.sql.RowFactory;
@@ -40,8 +42,9 @@ public final class AliccpLine implements UDF2<String, String, Row> {
   /** A parsed spec; the last one is kept (every row of a query passes the same text). */
   private static final class Spec {
     final String text;
-    final int listColumn;
-    final String[] singles, multis;
+    final int listColumn, nSingles, nMultis;
+    /** Field name -> its slot: single-valued fields 0 .. nSingles - 1, then the multi-valued. */
+    final HashMap<String, Integer> slots = new HashMap<>();
 
     Spec(String text) {
       String[] p = text.split(";", -1);
@@ -50,8 +53,12 @@ public final class AliccpLine implements UDF2<String, String, Row> {
       }
       this.text = text;
       listColumn = Integer.parseInt(p[0]);
-      singles = p[1].isEmpty() ? new String[0] : p[1].split(",", -1);
-      multis = p[2].isEmpty() ? new String[0] : p[2].split(",", -1);
+      String[] singles = p[1].isEmpty() ? new String[0] : p[1].split(",", -1);
+      String[] multis = p[2].isEmpty() ? new String[0] : p[2].split(",", -1);
+      nSingles = singles.length;
+      nMultis = multis.length;
+      for (int i = 0; i < singles.length; i++) slots.putIfAbsent(singles[i], i);
+      for (int i = 0; i < multis.length; i++) slots.putIfAbsent(multis[i], nSingles + i);
     }
   }
 
@@ -91,10 +98,6 @@ public final class AliccpLine implements UDF2<String, String, Row> {
     return i == to;
   }
 
-  private static boolean nameIs(String line, int from, int len, String name) {
-    return name.length() == len && line.regionMatches(from, name, 0, len);
-  }
-
   @Override
   public Row call(String line, String specText) {
     if (line == null) return null;
@@ -111,9 +114,9 @@ public final class AliccpLine implements UDF2<String, String, Row> {
         start = i + 1;
       }
     }
-    String[] singles = new String[sp.singles.length];
-    List<List<String>> multis = new ArrayList<>(sp.multis.length);
-    for (int m = 0; m < sp.multis.length; m++) multis.add(listStart >= 0 ? new ArrayList<>() : null);
+    String[] singles = new String[sp.nSingles];
+    List<List<String>> multis = sp.nMultis == 0 ? Collections.emptyList() : new ArrayList<>(sp.nMultis);
+    for (int m = 0; m < sp.nMultis; m++) multis.add(listStart >= 0 ? new ArrayList<>() : null);
     Integer nfeat = null;
     Boolean bad = null;
     if (listStart >= 0) {
@@ -135,14 +138,13 @@ public final class AliccpLine implements UDF2<String, String, Row> {
         if (!ok) {
           anyBad = true;
         } else {
-          int nameLen = idSep - t;
-          for (int f = 0; f < singles.length; f++) {
-            if (singles[f] == null && nameIs(line, t, nameLen, sp.singles[f])) {
-              singles[f] = line.substring(idSep + 1, valueSep);
-            }
-          }
-          for (int f = 0; f < sp.multis.length; f++) {
-            if (nameIs(line, t, nameLen, sp.multis[f])) multis.get(f).add(line.substring(idSep + 1, valueSep));
+          Integer slot = sp.slots.get(line.substring(t, idSep));
+          if (slot == null) {
+            // a field outside the preset
+          } else if (slot < sp.nSingles) {
+            if (singles[slot] == null) singles[slot] = line.substring(idSep + 1, valueSep);
+          } else {
+            multis.get(slot - sp.nSingles).add(line.substring(idSep + 1, valueSep));
           }
         }
         t = e + 1;

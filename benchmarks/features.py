@@ -121,7 +121,8 @@ def run_stage(args) -> dict:
             feat = work / f"feat_{rows}_{i}"
             with HeapSampler(spark, args.sample_interval) as heap:
                 t0 = time.perf_counter()
-                manifest = run_features(spark, FeaturesConfig(source="aliccp-raw", input=str(raw), output=str(feat)))
+                manifest = run_features(spark, FeaturesConfig(source="aliccp-raw", input=str(raw), output=str(feat),
+                                                              parser=args.parser))
                 out["seconds"].append(round(time.perf_counter() - t0, 2))
             peaks.append(round(heap.peak_mb))
             samples, failed = samples + heap.samples, failed + heap.errors
@@ -129,6 +130,7 @@ def run_stage(args) -> dict:
         out["heap_peak_mb"], out["heap_samples"], out["heap_failed"] = max(peaks), samples, failed
         out["rows_in"] = sum(manifest["rows_in"].values())
         out["rows_out"], out["rejects"] = manifest["rows"], manifest["rejects"]
+        out["parser"] = manifest["parser"]  # the raw line parser that ran (jvm / sql)
     jvm = spark._jvm
     out["jvm_heap_max_mb"] = round(jvm.java.lang.Runtime.getRuntime().maxMemory() / 2**20)
     out["java"] = str(jvm.java.lang.System.getProperty("java.version"))
@@ -144,7 +146,7 @@ def run_stage_subprocess(stage: str, rows: int, work: Path, args) -> dict:
     """:func:`run_stage` in a fresh interpreter (and JVM); its result is the last line of its stdout."""
     cmd = [sys.executable, os.path.abspath(__file__), "--one-stage", stage, str(rows), "--workdir", str(work),
            "--master", args.master, "--driver-memory", args.driver_memory, "--preset", args.preset,
-           "--sample-interval", str(args.sample_interval), "--runs", str(args.runs)]
+           "--sample-interval", str(args.sample_interval), "--runs", str(args.runs), "--parser", args.parser]
     return _child.run_json_child(cmd, f"stage {stage} at {rows} rows")
 
 
@@ -171,7 +173,7 @@ def run_size(rows: int, work: Path, args) -> tuple[dict, dict]:
         "jvm_heap_samples": {"simulate": sim["heap_samples"], "features": feat["heap_samples"],
                              "failed": sim["heap_failed"] + feat["heap_failed"]},
         "python_peak_rss_mb": {"simulate": sim["python_peak_rss_mb"], "features": feat["python_peak_rss_mb"]},
-        "rows_out": feat["rows_out"], "rejects": feat["rejects"],
+        "rows_out": feat["rows_out"], "rejects": feat["rejects"], "parser": feat["parser"],
     }
     return figures, {k: feat[k] for k in ("jvm_heap_max_mb", "java", "jvm_options", "spark_default_parallelism")}
 
@@ -184,6 +186,8 @@ def main() -> None:
     ap.add_argument("--preset", default="default")
     ap.add_argument("--runs", type=int, default=2,
                     help="feature-job runs per size in one JVM: the first is cold, the fastest later one warm")
+    ap.add_argument("--parser", choices=["auto", "jvm", "sql"], default="auto",
+                    help="the raw line parser (features.parser; default %(default)s: the JVM UDF where it builds)")
     ap.add_argument("--sample-interval", type=float, default=SAMPLE_INTERVAL_S,
                     help="seconds between JVM heap samples (default %(default)s)")
     ap.add_argument("--out", default="benchmarks/results/features.json")
@@ -214,6 +218,7 @@ def main() -> None:
         "benchmark": "features", "master": args.master, "driver_memory": args.driver_memory,
         "spark_default_parallelism": jvm.get("spark_default_parallelism"),
         "preset": args.preset, "stage_isolation": "subprocess", "feature_runs_per_size": args.runs,
+        "parser_requested": args.parser,
         "jvm_heap_max_mb": jvm.get("jvm_heap_max_mb"), "jvm_options": jvm.get("jvm_options"),
         "jvm_heap_sample_interval_s": args.sample_interval,
         "jvm_heap_note": "jvm_heap_used_peak_mb_sampled_*: max of total JVM heap used "

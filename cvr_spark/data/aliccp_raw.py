@@ -6,6 +6,10 @@ sample id as a long, null when unparseable), ``click``/``conversion`` (strings, 
 ``_reason``) and one column per field (string, or ``array<string>`` for multi-valued fields).
 :mod:`cvr_spark.data.sources` turns it into the canonical frame and the rejects.
 
+Raw Ali-CCP lines are parsed either by Spark SQL expressions (below) or by the JVM UDF of
+:mod:`cvr_spark.data.jvm_parser` (``jvm=True``; 2.9 s against 7.9 s for 2.5M lines up to the
+field columns), which give the same rows (``test_aliccp_raw``); :func:`_parse_lines` chooses.
+
 Raw Ali-CCP (Tianchi 408):
 
 * skeleton line ``sample_id,click,buy,common_feature_key,feature_count,feature_list``;

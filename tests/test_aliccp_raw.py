@@ -259,6 +259,9 @@ def test_jvm_and_sql_parsers_give_the_same_rows(spark, tmp_path):
     jvm, sql = rows("jvm"), rows("sql")
     assert len(jvm) == len(skeleton)
     assert jvm == sql
+    # the key that holds U+FFFD has one common line: the line whose key has a bad byte is another key
+    fffd = [r for r in jvm if r[0].split(",")[3:4] == ["k\ufffd"] and "invalid_utf8" not in r[1]]
+    assert fffd and not any("duplicate_common_key" in r[1] for r in fffd)
     reasons = {r[1] for r in jvm}
     assert {"None", "'malformed_feature'", "'feature_count_mismatch'", "'missing_common_key'",
             "'duplicate_common_key'", "'malformed_common_feature'", "'bad_column_count'",

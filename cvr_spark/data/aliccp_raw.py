@@ -188,17 +188,17 @@ def _malformed(tokens: Column, pattern: str) -> Column:
     return F.exists(tokens, lambda t: ~t.rlike(pattern))
 
 
-def _split_lines(spark: SparkSession, path: str) -> DataFrame:
+def _split_lines(spark: SparkSession, path: str, first: bool = False) -> DataFrame:
     """``_source_file``, ``_line``, ``_utf8_bad``, ``_parts`` (the comma-separated columns)
-    and ``_first`` (the first column as its bytes: ``split`` works on the line decoded, with
-    U+FFFD in place of bytes that are not UTF-8) of a file. Spark's text reader (Hadoop's line
-    reader) ends a line at LF, CR or CRLF, so no line holds a carriage return: CRLF files need
-    no cleaning (``test_sources`` reads one)."""
+    and with ``first`` ``_first`` (the first column as its bytes: ``split`` works on the line
+    decoded, with U+FFFD in place of bytes that are not UTF-8) of a file. Spark's text reader
+    (Hadoop's line reader) ends a line at LF, CR or CRLF, so no line holds a carriage return:
+    CRLF files need no cleaning (``test_sources`` reads one)."""
     value = F.col("value")
+    extra = [F.substring_index(value, ",", 1).alias("_first")] if first else []
     return barrier(spark.read.text(path).select(
         F.lit(path).alias("_source_file"), readable_line(value).alias("_line"),
-        not_utf8(value).alias("_utf8_bad"), F.split(value, ",", -1).alias("_parts"),
-        F.substring_index(value, ",", 1).alias("_first")))
+        not_utf8(value).alias("_utf8_bad"), F.split(value, ",", -1).alias("_parts"), *extra))
 
 
 def raw_sample_id(first_column: Column) -> Column:
@@ -239,7 +239,7 @@ def _parse_lines(spark: SparkSession, path: str, list_column: int, fields: Seque
             F.col("_p.nfeat").alias("_nfeat"), F.col("_p.bad").alias("_feat_bad"),
             *jvm_parser.field_columns("_p", fields, prefix))
     parts = F.col("_parts")
-    tokens = barrier(_split_lines(spark, path).select(
+    tokens = barrier(_split_lines(spark, path, first=True).select(
         "_source_file", "_line", "_utf8_bad", F.size(parts).alias("_ncols"), F.col("_first").alias("_h0"),
         *[F.get(parts, i).alias(h) for i, h in enumerate(head) if i > 0],
         *_raw_list(F.get(parts, list_column), _any_multi(fields))))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -152,7 +153,14 @@ def enable(spark: SparkSession, parser: str = "auto", cache: str = DEFAULT_CACHE
 
 
 def spec(list_column: int, fields: Sequence[FieldInfo]) -> str:
-    """The UDF's spec argument: ``<list column>;<single fields>;<multi fields>``."""
+    """The UDF's spec argument: ``<list column>;<single fields>;<multi fields>``.
+
+    Raises:
+        ValueError: a field name that is not letters, digits or '_' (it would break the spec).
+    """
+    for f in fields:
+        if not re.fullmatch(r"\w+", f.name):
+            raise ValueError(f"field name '{f.name}' must be letters, digits or '_'")
     singles = ",".join(f.name for f in fields if not f.multi)
     multis = ",".join(f.name for f in fields if f.multi)
     return f"{list_column};{singles};{multis}"

@@ -282,6 +282,7 @@ def test_jvm_parser_enable_modes_and_build_errors(spark, tmp_path, monkeypatch, 
     assert jvm_parser.enable(spark, "sql") is False
     jar = jvm_parser.build_jar(str(tmp_path / "cache"))
     assert jar.is_file() and jvm_parser.build_jar(str(tmp_path / "cache")) == jar  # cached by hash
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [jar.name]  # no partial file left
 
     def unloadable(session):
         raise RuntimeError("class not found")

@@ -45,6 +45,7 @@ from typing import Sequence
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from cvr_spark.data import jvm_parser
 from cvr_spark.data.fields import FieldInfo
 
 FEATURE_SEP, ID_SEP, VALUE_SEP = "\x01", "\x02", "\x03"
@@ -226,8 +227,6 @@ def _parse_lines(spark: SparkSession, path: str, list_column: int, fields: Seque
     U+FFFD itself."""
     head = [f"_h{i}" for i in range(list_column)]
     if jvm:
-        from cvr_spark.data import jvm_parser
-
         value = F.col("value")
         lines = barrier(spark.read.text(path).select(
             F.lit(path).alias("_source_file"), readable_line(value).alias("_line"),

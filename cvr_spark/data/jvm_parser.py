@@ -100,11 +100,14 @@ def build_jar(cache: str = DEFAULT_CACHE) -> Path:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-10:])
             raise RuntimeError(f"javac could not compile {SOURCE}:\n{tail}")
         part = folder / f".{jar.name}.{os.getpid()}.tmp"
-        with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as z:
-            z.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\r\nCreated-By: cvr-spark\r\n\r\n")
-            for f in sorted(Path(tmp).rglob("*.class")):
-                z.write(f, f.relative_to(tmp).as_posix())
-        os.replace(part, jar)  # atomic: a concurrent builder writes the same bytes
+        try:
+            with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as z:
+                z.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\r\nCreated-By: cvr-spark\r\n\r\n")
+                for f in sorted(Path(tmp).rglob("*.class")):
+                    z.write(f, f.relative_to(tmp).as_posix())
+            os.replace(part, jar)  # atomic: a concurrent builder writes the same bytes
+        finally:
+            part.unlink(missing_ok=True)
     log.info("compiled %s into %s", SOURCE.name, jar)
     return jar
 

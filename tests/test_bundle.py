@@ -161,7 +161,8 @@ def test_train_yaml_is_valid_run_train_overrides():
 
 def test_wheel_carries_the_configs_and_presets(tmp_path):
     """The bundle's jobs run the library from its wheel, without the repository: the wheel must
-    carry conf/ (stage configs and every registry model's presets) as cvr_spark/conf."""
+    carry conf/ (stage configs and every registry model's presets) as cvr_spark/conf, and the
+    JVM line parser's Java source (compiled where the wheel runs)."""
     import subprocess
     import sys
     import zipfile
@@ -176,3 +177,6 @@ def test_wheel_carries_the_configs_and_presets(tmp_path):
         assert f"cvr_spark/conf/{f.relative_to(ROOT / 'conf').as_posix()}" in inside
     for name in names():
         assert f"cvr_spark/conf/models/{name.replace('+', '_')}.yaml" in inside
+    from cvr_spark.data import jvm_parser
+
+    assert f"cvr_spark/data/java/{jvm_parser.SOURCE.name}" in inside

@@ -40,6 +40,17 @@ def line(*parts: str) -> bytes:
     return ",".join(parts).encode()
 
 
+def grammar(text: str) -> tuple[list[str], bool]:
+    """The oracle of the list checks: a feature list's tokens, and whether one of them breaks
+    the token grammar (:data:`RAW_FEATURE_RE`, matched in Python)."""
+    import re
+
+    from cvr_spark.data.aliccp_raw import RAW_FEATURE_RE
+
+    tokens = text.split(SEP) if text else []
+    return tokens, not all(re.fullmatch(RAW_FEATURE_RE, t, re.ASCII) for t in tokens)
+
+
 @both_parsers
 def test_real_length_common_lines_parse_and_a_bad_token_among_them_is_found(spark, tmp_path, parser):
     user = [feature("101", "u1"), feature("121", "g1"), *history(1500)]
@@ -117,9 +128,8 @@ def test_feature_list_checks_agree_with_the_token_grammar(spark):
     grammar itself (:data:`RAW_FEATURE_RE`, matched token by token in Python): hand-picked
     damage plus random strings over the separators, digits and the characters of a number."""
     import random
-    import re
 
-    from cvr_spark.data.aliccp_raw import RAW_FEATURE_RE, _raw_list
+    from cvr_spark.data.aliccp_raw import _raw_list
 
     picked = ["", feature("a", "b"), SEP.join([feature("a", "b"), feature("c", "d", "-2e5")]),
               "ab", f"a{ID}b", f"{ID}b{VAL}1", f"a{ID}{VAL}1", f"a{ID}b{VAL}", f"a{ID}b{VAL}x",
@@ -137,8 +147,7 @@ def test_feature_list_checks_agree_with_the_token_grammar(spark):
     got = {r["i"]: r for r in got}
     bad_seen = 0
     for i, text in enumerate(cases):
-        tokens = text.split(SEP) if text else []
-        bad = not all(re.fullmatch(RAW_FEATURE_RE, t, re.ASCII) for t in tokens)
+        tokens, bad = grammar(text)
         bad_seen += bad
         row = got[i]
         assert (row["_feat_bad"], row["_nfeat"]) == (bad, len(tokens)), repr(text)
@@ -170,10 +179,8 @@ def test_jvm_parser_agrees_with_the_token_grammar(spark):
     (:data:`RAW_FEATURE_RE`, matched in Python), on hand-picked damage and random lists over
     the separators, digits and the characters of a number; the list is a line's second column."""
     import random
-    import re
 
     from cvr_spark.data import jvm_parser
-    from cvr_spark.data.aliccp_raw import RAW_FEATURE_RE
     from cvr_spark.data.fields import FieldInfo
 
     assert jvm_parser.enable(spark, "jvm")
@@ -193,8 +200,7 @@ def test_jvm_parser_agrees_with_the_token_grammar(spark):
         "i", jvm_parser.line_struct(F.concat(F.lit("x,"), "l"), 1, fields).alias("p")).collect()}
     bad_seen = 0
     for i, text in enumerate(cases):
-        tokens = text.split(SEP) if text else []
-        bad = not all(re.fullmatch(RAW_FEATURE_RE, t, re.ASCII) for t in tokens)
+        tokens, bad = grammar(text)
         bad_seen += bad
         p = got[i]
         assert (p["ncols"], p["head"], p["nfeat"], p["bad"]) == (2, ["x"], len(tokens), bad), repr(text)

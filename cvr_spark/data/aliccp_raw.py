@@ -198,8 +198,15 @@ def _split_lines(spark: SparkSession, path: str, first: bool = False) -> DataFra
     value = F.col("value")
     extra = [F.substring_index(value, ",", 1).alias("_first")] if first else []
     return barrier(spark.read.text(path).select(
-        F.lit(path).alias("_source_file"), readable_line(value).alias("_line"),
-        not_utf8(value).alias("_utf8_bad"), F.split(value, ",", -1).alias("_parts"), *extra))
+        *_line_columns(path), F.split(value, ",", -1).alias("_parts"), *extra))
+
+
+def _line_columns(path: str) -> list[Column]:
+    """``_source_file``, ``_line`` (:func:`readable_line`) and ``_utf8_bad`` of a text frame's
+    ``value``, the columns every parser keeps per line."""
+    value = F.col("value")
+    return [F.lit(path).alias("_source_file"), readable_line(value).alias("_line"),
+            not_utf8(value).alias("_utf8_bad")]
 
 
 def raw_sample_id(first_column: Column) -> Column:
@@ -229,8 +236,7 @@ def _parse_lines(spark: SparkSession, path: str, list_column: int, fields: Seque
     if jvm:
         value = F.col("value")
         lines = barrier(spark.read.text(path).select(
-            F.lit(path).alias("_source_file"), readable_line(value).alias("_line"),
-            not_utf8(value).alias("_utf8_bad"), F.substring_index(value, ",", 1).alias("_h0"),
+            *_line_columns(path), F.substring_index(value, ",", 1).alias("_h0"),
             jvm_parser.line_struct(value, list_column, fields).alias("_p")))
         return lines.select(
             "_source_file", "_line", "_utf8_bad", F.col("_p.ncols").alias("_ncols"), "_h0",

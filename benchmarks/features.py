@@ -184,7 +184,7 @@ def main() -> None:
     ap.add_argument("--master", default="local[2]")
     # The feature job's own setting (conf/features.yaml). With 6g the parsed rows of 10M input rows
     # (about 3.4 GB kept deserialized) outgrew Spark's storage memory and part went to disk: the
-    # warm run was 6-15 % slower per row than at 5M; with 8g it is faster per row (README).
+    # warm run was 7-24 % slower per row than at 5M; with 8g it is faster per row (README).
     ap.add_argument("--driver-memory", default="8g",
                     help="the local JVM's heap (default %(default)s, as conf/features.yaml)")
     ap.add_argument("--preset", default="default")

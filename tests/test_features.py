@@ -482,6 +482,28 @@ def test_split_by_input_file_takes_the_last_files_in_name_order(spark, tmp_path)
     assert len(valid_ids) == 3
 
 
+def test_stored_rows_that_went_to_disk_are_reported(spark, caplog):
+    """A local checkpoint's stored rows are measured from Spark's storage status; rows on disk
+    (they did not fit in storage memory) are logged as a warning, rows in memory are not."""
+    import logging
+
+    from pyspark import StorageLevel
+
+    held = []
+    in_memory = fm._persist(spark.range(500).toDF("x"), held, checkpoint=True)
+    on_disk = spark.range(500).toDF("x").localCheckpoint(eager=True, storageLevel=StorageLevel.DISK_ONLY)
+    with caplog.at_level(logging.WARNING, logger=fm.__name__):
+        mem, disk = fm.warn_if_on_disk(in_memory, "in memory")
+        assert mem > 0 and disk == 0 and not caplog.records
+        mem, disk = fm.warn_if_on_disk(on_disk, "the test rows")
+        assert mem == 0 and disk > 0
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "the test rows" in caplog.text and "went to disk" in caplog.text
+    assert fm.stored_sizes(spark.range(3).cache()) is None  # not a local checkpoint
+    for d in (*held, on_disk):
+        fm._release(d)
+
+
 def test_stored_frames_keep_their_rows_deserialized(spark):
     """The job's stored frames (parsed lines, vocab, rejects) use the JVM's deserialized
     memory level: PySpark's MEMORY_AND_DISK would serialize every stored row."""

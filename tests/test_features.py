@@ -499,8 +499,9 @@ def test_stored_rows_that_went_to_disk_are_reported(spark, caplog):
         assert mem == 0 and disk > 0
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert "the test rows" in caplog.text and "went to disk" in caplog.text
-    assert fm.stored_sizes(spark.range(3).cache()) is None  # not a local checkpoint
-    for d in (*held, on_disk):
+    cached = spark.range(3).cache()
+    assert fm.stored_sizes(cached) is None  # not a local checkpoint
+    for d in (*held, on_disk, cached):
         fm._release(d)
 
 

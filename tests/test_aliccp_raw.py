@@ -310,3 +310,20 @@ def test_jvm_parser_enable_modes_and_build_errors(spark, tmp_path, monkeypatch, 
     monkeypatch.setattr(jvm_parser, "SOURCE", broken)
     with pytest.raises(RuntimeError, match="(?s)javac could not compile.*error: illegal start"):
         jvm_parser.build_jar(empty)
+
+
+def test_field_names_outside_letters_digits_underscore_are_refused():
+    """A field name is spliced into SQL text and into the JVM parser's spec: one check
+    (fields.safe_name) refuses any other character in both."""
+    from cvr_spark.data import jvm_parser
+    from cvr_spark.data.aliccp_raw import raw_field_columns
+    from cvr_spark.data.fields import FieldInfo
+
+    good = [FieldInfo("109_14", "user", True), FieldInfo("205", "item")]
+    assert jvm_parser.spec(5, good) == "5;205;109_14"
+    for bad in ("a,b", "a;b", "a'b", "a`b", ""):
+        fields = [FieldInfo(bad, "context")]
+        with pytest.raises(ValueError, match="letters, digits or '_'"):
+            jvm_parser.spec(5, fields)
+        with pytest.raises(ValueError, match="letters, digits or '_'"):
+            raw_field_columns(fields)

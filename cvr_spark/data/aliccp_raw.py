@@ -39,14 +39,13 @@ Decisions (the spec is silent on them):
 """
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from cvr_spark.data import jvm_parser
-from cvr_spark.data.fields import FieldInfo
+from cvr_spark.data.fields import FieldInfo, safe_name
 
 FEATURE_SEP, ID_SEP, VALUE_SEP = "\x01", "\x02", "\x03"
 _NUMBER = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
@@ -77,13 +76,6 @@ def label_checks(click: Column, conversion: Column) -> tuple[Column, Column]:
     return bad, (click == "0") & (conversion == "1")
 
 
-def _field_name(info: FieldInfo) -> str:
-    """The field's name, checked to be safe inside SQL text (quoted as an identifier or a string)."""
-    if not re.fullmatch(r"\w+", info.name):
-        raise ValueError(f"field name '{info.name}' must be letters, digits or '_'")
-    return info.name
-
-
 def field_columns(pairs: str, fields: Sequence[FieldInfo], prefix: str = "") -> list[Column]:
     """One column per field from the column named ``pairs`` (array<struct<field, fid>>).
 
@@ -93,7 +85,7 @@ def field_columns(pairs: str, fields: Sequence[FieldInfo], prefix: str = "") -> 
     """
     cols = []
     for info in fields:
-        ids = f"transform(filter(`{pairs}`, p -> p.field = '{_field_name(info)}'), p -> p.fid)"
+        ids = f"transform(filter(`{pairs}`, p -> p.field = '{safe_name(info)}'), p -> p.fid)"
         cols.append(F.expr(ids if info.multi else f"get({ids}, 0)").alias(prefix + info.name))
     return cols
 
@@ -171,7 +163,7 @@ def raw_field_columns(fields: Sequence[FieldInfo], prefix: str = "") -> list[Col
     """
     cols = []
     for info in fields:
-        name = _field_name(info)
+        name = safe_name(info)
         if info.multi:
             fid = f"substring_index(substring_index(t, '{ID_SEP}', -1), '{VALUE_SEP}', 1)"
             sql = f"transform(filter(`_tokens`, t -> substring_index(t, '{ID_SEP}', 1) = '{name}'), t -> {fid})"
@@ -298,7 +290,7 @@ def read_skeleton(spark: SparkSession, path: str, common: DataFrame,
 
 def _merge(info: FieldInfo) -> Column:
     """A field's value from the skeleton (``_s_``) and common (``_c_``) sides."""
-    name = _field_name(info)
+    name = safe_name(info)
     if info.multi:
         return F.expr(f"concat(`_s_{name}`, coalesce(`_c_{name}`, CAST(array() AS array<string>)))").alias(name)
     return F.expr(f"coalesce(`_s_{name}`, `_c_{name}`)").alias(name)

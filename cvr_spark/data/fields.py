@@ -5,6 +5,7 @@ Groups follow MODELS.md §9.2: user fields are keyed by ``101`` (user id), item 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 USER_KEY_FIELD = "101"
@@ -34,6 +35,18 @@ class FieldInfo:
     name: str
     group: str
     multi: bool = False
+
+
+def safe_name(info: FieldInfo) -> str:
+    """The field's name, checked to be letters, digits or '_': safe inside SQL text (quoted as
+    an identifier or a string) and in the JVM parser's comma- and semicolon-separated spec.
+
+    Raises:
+        ValueError: any other character in the name.
+    """
+    if not re.fullmatch(r"\w+", info.name):
+        raise ValueError(f"field name '{info.name}' must be letters, digits or '_'")
+    return info.name
 
 
 def group_of(name: str) -> str:

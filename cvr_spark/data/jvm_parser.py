@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -37,7 +36,7 @@ from pyspark.sql import Column, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, BooleanType, IntegerType, StringType, StructField, StructType
 
-from cvr_spark.data.fields import FieldInfo
+from cvr_spark.data.fields import FieldInfo, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +160,8 @@ def spec(list_column: int, fields: Sequence[FieldInfo]) -> str:
     Raises:
         ValueError: a field name that is not letters, digits or '_' (it would break the spec).
     """
-    for f in fields:
-        if not re.fullmatch(r"\w+", f.name):
-            raise ValueError(f"field name '{f.name}' must be letters, digits or '_'")
-    singles = ",".join(f.name for f in fields if not f.multi)
-    multis = ",".join(f.name for f in fields if f.multi)
+    singles = ",".join(safe_name(f) for f in fields if not f.multi)
+    multis = ",".join(safe_name(f) for f in fields if f.multi)
     return f"{list_column};{singles};{multis}"
 
 
